@@ -1,0 +1,109 @@
+"""The ``hippo`` command line.
+
+Each subcommand lives in the module that implements it, as two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. This file only routes, imports the
+chosen module lazily (so ``hippo --help`` is instant), and turns a :class:`HippoError`
+into one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from hippocrates import __version__
+from hippocrates.errors import EXIT_USAGE, HippoError
+
+# name -> (module providing add_arguments/run, or None while its issue is open; one-line help)
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "pipeline": (
+        "hippocrates.pipeline",
+        "run every enabled stage of a recipe in order (CPT -> SFT -> annotate -> DPO -> eval)",
+    ),
+    "cpt": (None, "continued pre-training on medical text, with LoRA"),
+    "sft": (None, "medical instruction tuning on a weighted mixture, with LoRA"),
+    "annotate": (None, "RLAIF: sample answers and let an AI judge pick the better one"),
+    "dpo": (None, "direct preference optimisation on judged pairs, with LoRA"),
+    "eval": (None, "evaluate on MedQA, MedMCQA, PubMedQA, USMLE (log-likelihood scoring)"),
+    "ablate": (None, "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO"),
+    "report": (None, "write the HTML + Markdown report of a run directory"),
+    "serve": (None, "serve a model over an OpenAI-compatible HTTP API"),
+    "data": (None, "inspect data: token counts, duplicates and benchmark contamination"),
+    "models": ("hippocrates.models", "list model aliases and show where a model spec resolves"),
+}
+ISSUES = {
+    "cpt": 3,
+    "sft": 3,
+    "dpo": 3,
+    "data": 3,
+    "eval": 4,
+    "annotate": 5,
+    "serve": 5,
+    "ablate": 6,
+    "report": 6,
+}
+
+EPILOG = """examples:
+  hippo pipeline recipes/demo.yaml          # the whole pipeline on the embedded SmolLM2-135M
+  hippo eval --model smollm2-135m --tasks medqa --data medqa=data/demo/benchmarks/medqa/US_4_options_test.jsonl
+  hippo models smollm2-135m                 # where the embedded model is cached
+
+Each subcommand has its own --help. Errors in your input exit with code 2 and one line naming
+the file, line or config key. Set HIPPO_CACHE to move the model cache (default ~/.cache/hippocrates).
+"""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; ``only`` configures just that subcommand's arguments (lazy import)."""
+    parser = argparse.ArgumentParser(
+        prog="hippo",
+        description="Hippocrates: continued pre-training, instruction tuning, RLAIF + DPO and "
+        "standardized evaluation of medical LLMs (Acikgoz et al., 2024).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hippocrates {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only and module is not None:
+            importlib.import_module(module).add_arguments(p)
+        elif module is None:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.description = f"{help_text}\n\nNot available yet (tracked in issue #{ISSUES.get(name, '?')})."
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    module, _ = COMMANDS[args.command]
+    if module is None:
+        print(
+            f"hippo {args.command}: not available yet (tracked in issue #{ISSUES.get(args.command, '?')})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        return int(importlib.import_module(module).run(args) or 0)
+    except HippoError as exc:
+        print(f"hippo {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"hippo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

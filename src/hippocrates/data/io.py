@@ -82,6 +82,7 @@ def atomic_file(path: str | Path) -> Iterator[str]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, _default_mode(directory=False))
     try:
         yield tmp
         os.replace(tmp, target)
@@ -100,6 +101,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
         if target.exists():
@@ -111,6 +113,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_mode(directory: bool) -> int:
+    """Permissions a normal open()/mkdir() would give, honouring the umask (mkstemp uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def sha256_file(path: str | Path) -> str:

@@ -1,0 +1,388 @@
+"""The report's sections, each read from its part of the run directory (docs/CONTRACTS.md).
+
+Every builder tolerates a partial run: whatever is absent or unreadable becomes a line of
+the section's "Missing" notice instead of an exception, so a report can be written at any
+point of a pipeline (or of a failed one) and says exactly what it could not show.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hippocrates.data.io import read_json
+from hippocrates.errors import HippoError
+from hippocrates.eval import calibration as cal
+from hippocrates.report import plots
+from hippocrates.report.tables import Table, ablation_table, sweep_table
+
+TRAIN_STAGES = ("cpt", "sft", "annotate", "dpo")
+
+
+@dataclass
+class Section:
+    """A titled part of the report, accumulated as parallel HTML and Markdown fragments."""
+
+    id: str
+    title: str
+    html: list[str] = field(default_factory=list)
+    md: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def heading(self, text: str, markdown: bool = True) -> None:
+        self.html.append(f"<h3>{html.escape(text)}</h3>")
+        if markdown:
+            self.md.append(f"### {text}\n")
+
+    def note(self, text: str) -> None:
+        self.html.append(f'<p class="note">{html.escape(text)}</p>')
+        self.md.append(f"{text}\n")
+
+    def table(self, table: Table) -> None:
+        self.html.append(table.html())
+        self.md.append(table.markdown())
+
+    def figure(self, png: bytes | None, caption: str) -> None:
+        self.figures([(png, caption)])
+
+    def figures(self, items: list[tuple[bytes | None, str]]) -> None:
+        """Embed PNGs as data URIs side by side where they fit (HTML only: the Markdown stays text)."""
+        figs = [
+            f'<figure><img src="{plots.data_uri(png)}" alt="{html.escape(c)}">'
+            f"<figcaption>{html.escape(c)}</figcaption></figure>"
+            for png, c in items
+            if png is not None
+        ]
+        if figs:
+            self.html.append(f'<div class="figrow">{"".join(figs)}</div>')
+
+    def details(self, summary: str, text: str) -> None:
+        self.html.append(
+            f"<details><summary>{html.escape(summary)}</summary><pre>{html.escape(text)}</pre></details>"
+        )
+
+    def load(self, run: Path, rel: str) -> Any:
+        """A JSON object file of the run, or None with a Missing line naming it (absent or unreadable)."""
+        path = run / rel
+        if not path.is_file():
+            self.missing.append(f"{rel}: not found")
+            return None
+        try:
+            data = read_json(path)
+        except HippoError as exc:
+            self.missing.append(f"{rel}: unreadable ({str(exc).split(': ', 1)[-1]})")
+            return None
+        if not isinstance(data, dict):
+            self.missing.append(f"{rel}: unreadable (expected a JSON object, got {type(data).__name__})")
+            return None
+        return data
+
+
+def _quiet_json(path: Path) -> dict[str, Any]:
+    """A JSON object, or {} when the file is absent, unreadable or not an object."""
+    try:
+        data = read_json(path) if path.is_file() else {}
+    except HippoError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def pick(record: dict[str, Any] | None, *keys: str) -> Any:
+    """The first present, non-empty value among ``keys`` (manifests name some fields variously)."""
+    for key in keys:
+        if record and record.get(key) not in (None, "", [], {}):
+            return record[key]
+    return None
+
+
+def _flat_numbers(record: Any, prefix: str = "", depth: int = 2) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(record, dict) and depth >= 0:
+        for key, value in record.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[name] = value
+            elif isinstance(value, dict):
+                out.update(_flat_numbers(value, f"{name}.", depth - 1))
+    return out
+
+
+def _data_files(manifest: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(path, sha256) pairs from a manifest's data listing, whether a dict or a list of records."""
+    raw = pick(manifest, "data_files", "data", "files", "inputs", "data_sha256")
+    out: list[tuple[str, str | None]] = []
+    if isinstance(raw, dict):
+        for path, value in raw.items():
+            out.append((path, value.get("sha256") if isinstance(value, dict) else str(value)))
+    elif isinstance(raw, list):
+        for item in raw:
+            if isinstance(item, dict):
+                out.append((str(pick(item, "path", "file", "name") or "?"), pick(item, "sha256", "sha")))
+            else:
+                out.append((str(item), None))
+    return out
+
+
+def when(value: Any) -> Any:
+    """An ISO-8601 timestamp as ``YYYY-MM-DD HH:MM:SS UTC`` (short enough not to wrap); else as is."""
+    try:
+        stamp = datetime.fromisoformat(str(value))
+    except ValueError:
+        return value
+    return stamp.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def short_path(value: Any, run: Path) -> Any:
+    """A path inside the run directory as ``RUN/<relative>``; anything else unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    try:
+        return f"RUN/{Path(value).resolve().relative_to(run.resolve())}"
+    except ValueError:
+        return value
+
+
+def _duration(seconds: Any) -> str | None:
+    if not isinstance(seconds, int | float):
+        return None
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes}m {sec:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def manifest_section(run: Path) -> Section:
+    """Per stage: input model, seed, timings, token counts, data files with sha256 and versions."""
+    s = Section("manifest", "Run manifest")
+    rows, files, versions, raw = [], [], {}, []
+    for stage in TRAIN_STAGES:
+        if not (run / stage).is_dir():
+            s.missing.append(f"{stage}/: stage output not found (not run yet, disabled, or failed)")
+            continue
+        man = s.load(run, f"{stage}/manifest.json")
+        if not isinstance(man, dict):
+            continue
+        met = _quiet_json(run / stage / "metrics.json")  # its problems are the Training section's
+        config = pick(man, "config", "recipe") or {}
+        tokens = {
+            k: v
+            for k, v in {**_flat_numbers(man), **_flat_numbers(met)}.items()
+            if "token" in k.lower() and not k.startswith(("config.", "recipe.")) and "max_" not in k
+        }
+        rows.append([
+            stage,
+            short_path(pick(man, "model_path", "input_model", "base_model", "base", "model"), run),
+            pick(man, "seed") if pick(man, "seed") is not None else pick(config, "seed"),
+            when(pick(man, "start", "started", "start_time", "started_at", "created")),
+            when(pick(man, "end", "finished", "end_time", "finished_at")),
+            _duration(pick(man, "duration_s", "elapsed_s", "wall_time_s") or pick(met, "train_runtime")),
+            ", ".join(f"{k}={int(v):,}" for k, v in tokens.items()) or None,
+            str(pick(man, "git_commit", "git", "commit") or "")[:12] or None,
+        ])  # fmt: skip
+        files += [[stage, path, sha] for path, sha in _data_files(man)]
+        for pkg, ver in (pick(man, "versions", "package_versions", "packages") or {}).items():
+            versions.setdefault(pkg, {})[stage] = ver
+        raw.append((f"{stage}/manifest.json", json.dumps(man, indent=2, default=str)))
+    if rows:
+        s.table(Table(["Stage", "Input model", "Seed", "Start", "End", "Duration", "Tokens", "Git"], rows))
+    if files:
+        s.table(Table(["Stage", "Data file", "sha256"], files, caption="Data files"))
+    if versions:
+        stages = [r[0] for r in rows]
+        table = Table(
+            ["Package", *stages], [[p, *[v.get(st) for st in stages]] for p, v in sorted(versions.items())]
+        )
+        table.caption = "Package versions"
+        s.table(table)
+    for name, text in raw:
+        s.details(f"{name} (full)", text)
+    return s
+
+
+def training_section(run: Path) -> Section:
+    """Final metrics and the loss-vs-step curve of each training stage (from metrics.json)."""
+    s = Section("training", "Training")
+    for stage in TRAIN_STAGES:
+        if not (run / stage).is_dir():
+            s.missing.append(f"{stage}/: stage output not found")
+            continue
+        met = s.load(run, f"{stage}/metrics.json")
+        if not isinstance(met, dict):
+            continue
+        s.heading(stage.upper())
+        scalars = [[k, v] for k, v in met.items() if isinstance(v, int | float | str) and k != "stage"]
+        if scalars:
+            s.table(Table(["Metric", "Value"], scalars))
+        history = met.get("log_history") or []
+        if stage != "annotate":
+            png = plots.training_curve(history, f"{stage.upper()} loss")
+            if png is None:
+                s.missing.append(f"{stage}/metrics.json: log_history has no loss entries")
+            s.figure(png, f"{stage.upper()}: loss against optimizer step")
+    return s
+
+
+def eval_runs(eval_dir: Path) -> list[tuple[int, Path]]:
+    """(shots, dir) of every ``<K>shot`` eval run under ``eval_dir``, by shot count."""
+    found = []
+    for d in eval_dir.glob("*shot") if eval_dir.is_dir() else []:
+        m = re.fullmatch(r"(\d+)shot", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def _pm(value: Any, err: Any) -> str | None:
+    if not isinstance(value, int | float):
+        return None
+    return f"{100 * value:.1f} ± {100 * err:.1f}" if isinstance(err, int | float) else f"{100 * value:.1f}"
+
+
+def _variant_labels(run: Path) -> dict[str, str]:
+    """Variant name -> label ("+CPT") from ablation.json, in the ablation's order."""
+    variants = _quiet_json(run / "ablation" / "ablation.json").get("variants") or []
+    return {v["name"]: v.get("label", v["name"]) for v in variants if isinstance(v, dict) and "name" in v}
+
+
+def _variant_dirs(run: Path, labels: dict[str, str]) -> list[Path]:
+    """The ablation's per-variant eval dirs, in the ablation's order (then any others by name)."""
+    root = run / "ablation" / "eval"
+    found = {p.name: p for p in root.glob("*") if p.is_dir()} if root.is_dir() else {}
+    return [found[n] for n in labels if n in found] + [found[n] for n in sorted(found) if n not in labels]
+
+
+def eval_section(run: Path) -> Section:
+    """Per shot count, per task accuracy (± stderr), acc_norm, n, ECE and Brier; per stage if ablated."""
+    s = Section("eval", "Evaluation")
+    runs = eval_runs(run / "eval")
+    if not runs:
+        s.missing.append("eval/<K>shot/results.json: no evaluation of the final model yet")
+    for shots, d in runs:
+        res = s.load(run, f"eval/{d.name}/results.json")
+        if not isinstance(res, dict):
+            continue
+        s.heading(f"{shots}-shot")
+        model, path = short_path(res.get("model"), run), short_path(res.get("model_path"), run)
+        where = f" ({path})" if path not in (None, model) else ""
+        s.note(
+            f"model {model}{where}, prompt {res.get('prompt')}, chat template "
+            f"{'on' if res.get('chat_template') else 'off'}, {when(res.get('created', '?'))}, "
+            f"hippocrates {res.get('hippocrates_version', '?')}"
+        )
+        rows = [
+            [task, t.get("n"), _pm(t.get("acc"), t.get("acc_stderr")), _pm(t.get("acc_norm"), t.get("acc_norm_stderr")),
+             t.get("ece"), t.get("brier"), t.get("skipped"), t.get("time_s")]
+            for task, t in (res.get("tasks") or {}).items()
+        ]  # fmt: skip
+        s.table(Table(["Task", "n", "acc (%)", "acc_norm (%)", "ECE", "Brier", "Skipped", "Time (s)"], rows))
+    labels = _variant_labels(run)
+    stage_dirs = _variant_dirs(run, labels)
+    by_shots: dict[int, dict[str, dict[str, Any]]] = {}
+    for variant in stage_dirs:
+        for shots, d in eval_runs(variant):
+            res = s.load(run, f"ablation/eval/{variant.name}/{d.name}/results.json")
+            if isinstance(res, dict) and isinstance(res.get("tasks"), dict):
+                by_shots.setdefault(shots, {})[variant.name] = res["tasks"]
+    for shots, stages in sorted(by_shots.items()):
+        tasks = list(dict.fromkeys(t for res in stages.values() for t in res))
+        names = list(stages)
+        rows = [[task, *[(stages[n].get(task) or {}).get("acc") for n in names]] for task in tasks]
+        table = Table(
+            ["Task", *[labels.get(n, n) for n in names]], rows, percent=set(range(1, len(names) + 1))
+        )
+        table.caption = f"Per stage, {shots}-shot accuracy (%) (from the ablation's evaluations)"
+        s.table(table)
+    return s
+
+
+def ablation_section(run: Path) -> Section:
+    s = Section("ablation", "Stage ablation")
+    data = s.load(run, "ablation/ablation.json")
+    if isinstance(data, dict):
+        s.note(
+            f"Recipe {data.get('recipe', '?')}, base model {data.get('base_model', '?')}, {when(data.get('created', ''))}."
+        )
+        s.table(ablation_table(data))
+        for v in data.get("variants", []):
+            if v.get("status", "ok") != "ok":
+                s.missing.append(
+                    f"{v.get('label', v.get('name'))}: {v.get('status')} — {v.get('reason', '')}"
+                )
+    else:
+        s.missing.append("run `hippo ablate RECIPE` to compare base, +CPT, +SFT, +CPT+SFT and +CPT+SFT+DPO")
+    return s
+
+
+def sweep_section(run: Path) -> Section:
+    s = Section("prompting", "Prompting strategies")
+    data = s.load(run, "sweep/sweep.json")
+    if isinstance(data, dict):
+        s.note(f"Model {short_path(data.get('model', '?'), run)}, {when(data.get('created', ''))}.")
+        s.table(sweep_table(data))
+    else:
+        s.missing.append("run `hippo eval --sweep ...` with output in RUN_DIR/sweep to compare prompts")
+    return s
+
+
+def _samples_of(run: Path, d: Path, s: Section) -> list[Path]:
+    """The samples files of one eval run in results.json's task order; absent ones are reported."""
+    try:
+        res = read_json(d / "results.json") if (d / "results.json").is_file() else {}
+        tasks = list(res.get("tasks") or {}) if isinstance(res, dict) else []
+    except HippoError:
+        tasks = []
+    paths = []
+    for task in tasks:
+        if (d / f"samples_{task}.jsonl").is_file():
+            paths.append(d / f"samples_{task}.jsonl")
+        else:
+            s.missing.append(f"{d.relative_to(run)}/samples_{task}.jsonl: not found")
+    return paths + sorted(p for p in d.glob("samples_*.jsonl") if p not in paths)
+
+
+def calibration_section(run: Path, n_bins: int = cal.DEFAULT_BINS) -> Section:
+    """ECE/MCE/Brier table, reliability diagrams and confidence densities per task, stage and shots."""
+    s = Section("calibration", "Calibration")
+    labels = _variant_labels(run)
+    groups = [("final model", d) for _, d in eval_runs(run / "eval")]
+    for variant in _variant_dirs(run, labels):
+        groups += [(labels.get(variant.name, variant.name), d) for _, d in eval_runs(variant)]
+    if not groups:
+        s.missing.append("eval/<K>shot/samples_<task>.jsonl: no evaluation samples to calibrate")
+        return s
+    s.note(
+        f"Confidence = max softmax probability over the options' summed log-likelihoods. ECE and MCE use "
+        f"{n_bins} equal-width bins, ECE (mass) {n_bins} equal-mass bins; Brier is multi-class (0 to 2). "
+        "Temperature scaling is fitted on a hash-based half of each task and reported on the other half."
+    )
+    rows, figures = [], []
+    for label, d in groups:
+        reliability, densities = [], []
+        for path in _samples_of(run, d, s):
+            try:
+                (row,) = cal.calibration_table([path], n_bins=n_bins)
+                samples, _ = cal.load_samples(path)
+            except HippoError as exc:
+                s.missing.append(f"{path.relative_to(run)}: unreadable ({str(exc).split(': ', 1)[-1]})")
+                continue
+            rows.append([label, row["shots"], row["task"], row["n"], row["acc"], row["confidence"], row["ece"],
+                         row["ece_mass"], row["mce"], row["brier"], row["nll"], row.get("ts_temperature"),
+                         row.get("ts_ece_before"), row.get("ts_ece_after")])  # fmt: skip
+            conf, hit = cal.outcomes(samples)
+            reliability.append((row["task"], cal.reliability_bins(conf, hit, n_bins), row["ece"]))
+            densities.append((row["task"], conf[hit == 1], conf[hit == 0]))
+        if reliability:
+            figures.append((f"{label}, {d.name}", reliability, densities))
+    headers = ["Stage", "Shots", "Task", "n", "acc (%)", "mean conf", "ECE", "ECE (mass)", "MCE", "Brier", "NLL",
+               "T (fit)", "ECE test", "ECE test after T"]  # fmt: skip
+    s.table(Table(headers, rows, percent={4}))
+    for title, reliability, densities in figures:
+        s.heading(title, markdown=False)
+        s.figures([
+            (plots.reliability_diagram(reliability, f"Reliability: {title}"), f"Reliability diagrams, {title}"),
+            (plots.confidence_density(densities, f"Confidence: {title}"), f"Confidence on correct vs incorrect, {title}"),
+        ])  # fmt: skip
+    return s

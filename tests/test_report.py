@@ -1,0 +1,138 @@
+"""The run report from synthetic run directories: complete, partial, empty and corrupted ones."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from hippocrates.cli import main
+from hippocrates.eval.calibration import calibration_table
+from hippocrates.report.build import build_report
+from hippocrates.report.synthetic import make_synthetic_run
+from hippocrates.report.tables import Table, ablation_table
+
+SECTIONS = ["manifest", "training", "eval", "ablation", "prompting", "calibration"]
+
+
+def _missing(html: str, section: str) -> str:
+    """The text of one section's Missing notice ('' when it has none)."""
+    body = re.search(rf'<section id="{section}">(.*?)</section>', html, re.S).group(1)
+    notice = re.search(r'<div class="missing">(.*?)</div>', body, re.S)
+    return notice.group(1) if notice else ""
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[Path, str, str]:
+    run = make_synthetic_run(tmp_path_factory.mktemp("full") / "run")
+    path = build_report(run)
+    return run, path.read_text(encoding="utf-8"), (path.parent / "report.md").read_text(encoding="utf-8")
+
+
+def test_full_run_report_is_self_contained_and_complete(full_report) -> None:
+    run, html, md = full_report
+    assert re.findall(r'<section id="(\w+)">', html) == SECTIONS
+    assert 'class="missing"' not in html and "Missing" not in md
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 7 * 2
+    assert not re.search(r'(src|href)="(?!data:|#)', html)  # no file or network assets
+    assert "<script" not in html and "default-src 'none'" in html
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["report.html", "report.md"]  # no temp files
+    for text in (
+        "| +CPT+SFT+DPO |",
+        "## Calibration",
+        "| Package | cpt | sft | annotate | dpo |",
+        "train_tokens=51,200",
+    ):
+        assert text in md
+    assert "Prompting strategies: accuracy (%)" in md and "| letter | no | 0 |" in md
+
+
+def test_report_numbers_match_the_sources(full_report) -> None:
+    run, html, md = full_report
+    ablation = json.loads((run / "ablation" / "ablation.json").read_text())
+    base = ablation["variants"][0]
+    assert f"| Base | {100 * base['acc']['medqa']:.1f} |" in md
+    results = json.loads((run / "eval" / "0shot" / "results.json").read_text())
+    medqa = results["tasks"]["medqa"]
+    assert f"| medqa | 120 | {100 * medqa['acc']:.1f} ± {100 * medqa['acc_stderr']:.1f} |" in md
+    (row,) = calibration_table([run / "eval" / "0shot" / "samples_medqa.jsonl"])
+    line = next(x for x in md.splitlines() if x.startswith("| final model | 0 | medqa |"))
+    assert f"| {row['ece']:.3f} | {row['ece_mass']:.3f} | {row['mce']:.3f} | {row['brier']:.3f} |" in line
+
+
+def test_partial_run_says_what_is_missing(tmp_path: Path) -> None:
+    run = make_synthetic_run(tmp_path / "run", stages=("cpt", "sft"), shots=(), ablation=False, sweep=False)
+    html = build_report(run).read_text(encoding="utf-8")
+    md = (run / "report" / "report.md").read_text(encoding="utf-8")
+    assert "annotate/: stage output not found" in _missing(html, "manifest")
+    assert "dpo/" in _missing(html, "training") and "cpt/" not in _missing(html, "training")
+    assert "no evaluation of the final model yet" in _missing(html, "eval")
+    assert "ablation/ablation.json: not found" in _missing(html, "ablation")
+    assert "sweep/sweep.json: not found" in _missing(html, "prompting")
+    assert "no evaluation samples" in _missing(html, "calibration")
+    assert md.count("> **Missing:**") == 6
+    assert html.count("<img") == 2  # the two training curves that exist
+
+
+def test_empty_dir_and_corrupt_files_degrade_to_notices(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    html = build_report(empty).read_text(encoding="utf-8")
+    assert all(_missing(html, s) for s in SECTIONS)
+
+    run = make_synthetic_run(tmp_path / "run", stages=("cpt",), shots=(0,), ablation=False, sweep=False)
+    (run / "cpt" / "metrics.json").write_text('{"stage": "cpt", "log_history": [')  # a torn write
+    (run / "eval" / "0shot" / "samples_pubmedqa.jsonl").unlink()
+    with open(run / "eval" / "0shot" / "samples_medmcqa.jsonl", "a") as fh:
+        fh.write("{not json\n")
+    (run / "sweep").mkdir()
+    (run / "sweep" / "sweep.json").write_text("[1, 2]")  # valid JSON, wrong shape
+    html = build_report(run).read_text(encoding="utf-8")
+    assert "cpt/metrics.json: unreadable" in _missing(html, "training")
+    assert (
+        "could not build" not in html
+        and "| cpt | smollm2-135m | 42 |" in (run / "report" / "report.md").read_text()
+    )
+    calib = _missing(html, "calibration")
+    assert "eval/0shot/samples_pubmedqa.jsonl: not found" in calib
+    assert "samples_medmcqa.jsonl: unreadable" in calib and "malformed JSON" in calib
+    assert "sweep/sweep.json" in _missing(html, "prompting")
+    assert "| final model | 0 | medqa |" in (run / "report" / "report.md").read_text()
+
+
+def test_cli(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"hippo report: error: {tmp_path / 'nope'}: run directory not found"
+    run = make_synthetic_run(
+        tmp_path / "run", stages=(), shots=(0,), ablation=False, sweep=False, tasks={"medqa": 4}
+    )
+    assert main(["report", str(run), "--output", str(tmp_path / "out"), "--bins", "5"]) == 0
+    assert capsys.readouterr().out.split() == [
+        str(tmp_path / "out" / "report.html"),
+        str(tmp_path / "out" / "report.md"),
+    ]
+    assert "5 equal-width bins" in (tmp_path / "out" / "report.md").read_text()
+    assert main(["report", str(run), "--bins", "0"]) == 2
+
+
+def test_table_formatting() -> None:
+    data = {
+        "tasks": ["a", "b"],
+        "num_fewshot": 0,
+        "variants": [
+            {"name": "base", "label": "Base", "status": "ok", "acc": {"a": 0.25, "b": 0.5}, "average": 0.375},
+            {"name": "cpt", "label": "+CPT", "status": "ok", "acc": {"a": 0.3, "b": None}, "average": None},
+            {"name": "x|y", "label": "x|y", "status": "skipped", "reason": "stages.dpo.enabled is false"},
+        ],
+    }
+    table = ablation_table(data)
+    md = table.markdown()
+    assert "| Base | 25.0 | 50.0 | 37.5 | +0.0 | ok |" in md
+    assert "| +CPT | 30.0 | — | — | — | ok |" in md
+    assert "| x\\|y | — | — | — | — | skipped |" in md
+    assert 'title="stages.dpo.enabled is false"' in table.html()
+    assert table.csv().splitlines()[1] == "Base,0.25,0.5,0.375,0.0,ok"
+    assert Table(["x"], [["<b>"]]).html().count("&lt;b&gt;") == 1

@@ -102,6 +102,17 @@ class JudgeConfig(Strict):
     rubric: str | None = Field(
         None, description="path to a rubric file; default: the bundled clinician rubric"
     )
+    backoff_s: float = Field(1.0, ge=0.0, description="http: first retry delay, doubled on each retry")
+    max_tokens: int = Field(128, gt=0, description="http: reply length limit")
+    cache: str | None = Field(
+        None, description="http: sqlite answer cache; default OUTPUT/judge_cache.sqlite"
+    )
+    tie_threshold: float = Field(
+        0.02, ge=0.0, description="local: |log P(A) - log P(B)| at or below is a tie"
+    )
+    calibrate: Literal["question", "mean", "content-free", "none"] = Field(
+        "question", description="local: remove the judge's first-position preference before deciding"
+    )
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> JudgeConfig:
@@ -121,7 +132,7 @@ class AnnotateConfig(Strict):
     temperature: float = Field(0.8, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="prompts per generate call; items per local-judge forward")
     judge: JudgeConfig = JudgeConfig()
 
 
@@ -134,7 +145,7 @@ class DPOConfig(Strict):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     lora: LoraConfig = LoraConfig()
-    train: TrainConfig = TrainConfig(learning_rate=5e-5)
+    train: TrainConfig = TrainConfig(learning_rate=5e-5, gradient_checkpointing=True)
 
 
 class EvalConfig(Strict):

@@ -1,0 +1,136 @@
+"""``hippo eval``: log-likelihood evaluation on MedQA, MedMCQA, PubMedQA and USMLE (or any MC file)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hippocrates.errors import HippoError
+from hippocrates.eval.prompts import DEFAULT_SEED, STRATEGIES
+
+EXAMPLES = """examples:
+  hippo eval --model smollm2-135m --tasks medqa --data medqa=data/demo/benchmarks/medqa/US_4_options_test.jsonl
+  hippo eval --model smollm2-135m --tasks medqa,medmcqa,pubmedqa,usmle_step1 --data-dir ../shared/data --num-fewshot 5
+  hippo eval --model M --tasks my_task.yaml --data my_task=quiz.csv    # a task YAML of your own
+  hippo eval --list-tasks
+  hippo eval --tasks medqa --data-dir ../shared/data --export-lm-eval lm_eval_tasks/   # same protocol in lm-eval
+"""
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values or []:
+        task, sep, path = value.partition("=")
+        if not sep or not task.strip() or not path.strip():
+            raise HippoError(f"{flag} expects TASK=PATH, got '{value}'")
+        out[task.strip()] = path.strip()
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument("--model", default="smollm2-135m", help="alias, HF directory, .gguf or org/name")
+    parser.add_argument(
+        "--tasks", default="medqa,medmcqa,pubmedqa", help="comma-separated task names or YAML paths"
+    )
+    parser.add_argument(
+        "--task-dir", action="append", default=[], metavar="DIR", help="extra task YAMLs (repeatable)"
+    )
+    parser.add_argument(
+        "--data", action="append", metavar="TASK=PATH", help="local file (or folder) for a task"
+    )
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="folder laid out like the releases (medqa/, medmcqa/, ...)"
+    )
+    parser.add_argument(
+        "--fewshot-data", action="append", metavar="TASK=PATH", help="few-shot pool file for a task"
+    )
+    parser.add_argument(
+        "--num-fewshot", type=int, default=0, metavar="K", help="exemplars per prompt (default 0)"
+    )
+    parser.add_argument("--prompt", choices=STRATEGIES, default="hippocrates", help="prompt strategy")
+    parser.add_argument(
+        "--chat-template", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    parser.add_argument("--limit", type=int, help="first N items of each task, in file order")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
+    parser.add_argument("--output", metavar="DIR", help="write DIR/results.json and DIR/samples_TASK.jsonl")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
+    parser.add_argument(
+        "--scorer", choices=["fast", "naive"], default="fast", help="fast (shared prefix) or naive"
+    )
+    parser.add_argument(
+        "--max-length", type=int, help="model window in tokens (default: from the model config)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help="few-shot sampling seed (lm-eval's default)"
+    )
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print results.json instead of the table")
+    parser.add_argument("--list-tasks", action="store_true", help="list the registered tasks and exit")
+    parser.add_argument(
+        "--export-lm-eval", metavar="DIR", help="write lm-eval task YAMLs for this protocol and exit"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from hippocrates.eval.registry import task_table
+
+    if args.list_tasks:
+        for row in task_table(args.task_dir):
+            print(f"{row['task']:<14} {row['format']:<9} {row['file']:<34} {row['title']}")
+        return 0
+    data = _pairs(args.data, "--data")
+    fewshot_data = _pairs(args.fewshot_data, "--fewshot-data")
+    if args.max_length is not None and args.max_length < 2:
+        raise HippoError(f"--max-length must be >= 2, got {args.max_length}")
+    if args.export_lm_eval:
+        from hippocrates.eval.lm_eval_export import export
+
+        written = export(
+            args.export_lm_eval,
+            args.tasks,
+            data=data,
+            data_dir=args.data_dir,
+            fewshot_data=fewshot_data,
+            task_dirs=args.task_dir,
+            num_fewshot=args.num_fewshot,
+            prompt=args.prompt,
+            chat_template=args.chat_template,
+            limit=args.limit,
+            seed=args.seed,
+            model=args.model,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            max_length=args.max_length,
+        )
+        print(
+            f"wrote {len(written)} files to {args.export_lm_eval}; run: see {args.export_lm_eval}/README.md"
+        )
+        return 0
+    from hippocrates.eval.runner import evaluate, format_table
+
+    results = evaluate(
+        args.model,
+        args.tasks,
+        data=data,
+        num_fewshot=args.num_fewshot,
+        prompt=args.prompt,
+        chat_template=args.chat_template,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        output_dir=args.output,
+        precision=args.precision,
+        scorer=args.scorer,
+        data_dir=args.data_dir,
+        fewshot_data=fewshot_data,
+        task_dirs=args.task_dir,
+        seed=args.seed,
+        max_length=args.max_length,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    if args.output:
+        print(f"results: {args.output}/results.json")
+    return 0

@@ -1,0 +1,500 @@
+"""Read benchmark items from the original release files or, online, from the Hugging Face hub.
+
+Every format is parsed into the same :class:`Item` (question, options, gold index, optional
+abstract). A record that cannot be used (missing field, answer not among the options, no
+options found) is never dropped silently: it is kept as a ``(id, reason)`` pair that ends up
+in results.json (``skipped`` / ``skipped_ids``) and in a warning on stderr. A file that is not
+valid JSON at all is an error naming ``file:line`` (exit 2): nothing sensible can be scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hippocrates.data.io import iter_jsonl, read_json, sha256_file
+from hippocrates.errors import HippoError
+from hippocrates.eval.registry import Columns, HFSource, TaskSpec
+from hippocrates.progress import status
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+USMLE_OPTION = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]*(.*)$")
+
+
+class Skip(Exception):
+    """A record that cannot be scored; the message is the reason."""
+
+
+@dataclass
+class Item:
+    """One question, format-independent. ``gold`` indexes ``options``."""
+
+    id: str
+    question: str
+    options: list[str]
+    gold: int
+    context: str | None = None
+    where: str = ""
+
+
+@dataclass
+class TaskData:
+    """A task's evaluation items, its few-shot pool and what could not be parsed."""
+
+    spec: TaskSpec
+    items: list[Item]
+    pool: list[Item]
+    pool_is_eval: bool
+    source: str
+    sha256: str | None
+    pool_source: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- answer helpers
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _need(record: dict[str, Any], key: str) -> Any:
+    value = record.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise Skip(f"missing field '{key}'")
+    return value
+
+
+def _check_options(options: list[Any]) -> list[str]:
+    if len(options) < 2:
+        raise Skip(f"needs at least 2 options, found {len(options)}")
+    texts = [_text(o) if isinstance(o, str) else str(o).strip() if o is not None else "" for o in options]
+    for i, text in enumerate(texts):
+        if not text:
+            raise Skip(f"option {LETTERS[i]} is empty")
+    return texts
+
+
+def answer_index(value: Any, options: list[str], fmt: str = "auto") -> int:
+    """The gold index from a letter, a 0- or 1-based index, or the option text."""
+    n = len(options)
+    span = f"A-{LETTERS[n - 1]}"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise Skip("missing answer")
+    if isinstance(value, str):
+        value = value.strip()
+    if fmt in ("index", "index1") or (
+        fmt == "auto" and isinstance(value, int) and not isinstance(value, bool)
+    ):
+        try:
+            idx = int(value) - (1 if fmt == "index1" else 0)
+        except (TypeError, ValueError):
+            raise Skip(f"answer {value!r} is not an index") from None
+        if not 0 <= idx < n:
+            raise Skip(f"answer index {value!r} is not among the {n} options")
+        return idx
+    text = str(value)
+    if fmt in ("letter", "auto"):
+        letter = text.strip("()").upper()
+        if len(letter) == 1 and letter in LETTERS:
+            if LETTERS.index(letter) < n:
+                return LETTERS.index(letter)
+            if fmt == "letter" or text not in options:
+                raise Skip(f"answer '{letter}' is not among the options {span}")
+        elif fmt == "letter":
+            raise Skip(f"answer {text!r} is not a letter")
+    if text in options:
+        return options.index(text)
+    raise Skip(f"answer {text[:60]!r} is not among the options {span}")
+
+
+# ---------------------------------------------------------------- record parsers
+
+
+def parse_medqa(record: dict[str, Any]) -> tuple[str, list[str], int]:
+    """MedQA: options {A..D|E}; answer_idx is the letter, answer the text (both must agree)."""
+    question = _text(_need(record, "question"))
+    raw = _need(record, "options")
+    if not isinstance(raw, dict):
+        raise Skip("'options' is not a {letter: text} object")
+    letters = sorted(raw)
+    options = _check_options([raw[k] for k in letters])
+    if "answer_idx" in record and record["answer_idx"] not in (None, ""):
+        letter = str(record["answer_idx"]).strip()
+        if letter not in letters:
+            raise Skip(f"answer_idx '{letter}' is not among the options {''.join(letters)}")
+        gold = letters.index(letter)
+        answer = _text(record.get("answer"))
+        if answer and answer != options[gold]:
+            raise Skip(f"answer text disagrees with answer_idx '{letter}'")
+        return question, options, gold
+    return question, options, answer_index(record.get("answer"), options, "text")
+
+
+def parse_medmcqa(record: dict[str, Any]) -> tuple[str, list[str], int]:
+    """MedMCQA release: opa..opd and cop 1..4 (1 = opa; not 0-based)."""
+    question = _text(_need(record, "question"))
+    options = _check_options([record.get(k) for k in ("opa", "opb", "opc", "opd")])
+    cop = record.get("cop")
+    if not isinstance(cop, int) or isinstance(cop, bool):
+        raise Skip(f"'cop' must be an integer 1..4, got {cop!r}")
+    return question, options, answer_index(cop, options, "index1")
+
+
+def parse_usmle(record: dict[str, Any]) -> tuple[str, list[str], int]:
+    """USMLE step exams: options are "(A) ..." lines of the stem (maybe indented, maybe wrapped)."""
+    text = _need(record, "text")
+    stem: list[str] = []
+    letters: list[str] = []
+    options: list[list[str]] = []
+    for line in str(text).splitlines():
+        match = USMLE_OPTION.match(line)
+        if match and match.group(1) == LETTERS[len(letters)]:
+            letters.append(match.group(1))
+            options.append([match.group(2).strip()])
+        elif options and line.strip():
+            options[-1].append(line.strip())  # a wrapped option line
+        elif not options:
+            stem.append(line)
+    if not options:
+        raise Skip("no '(A) ...' option lines found in 'text'")
+    texts = _check_options([" ".join(parts) for parts in options])
+    answer = str(_need(record, "answer")).strip()
+    match = re.match(r"^\(([A-Z])\)", answer)
+    if not match:
+        raise Skip(f"answer {answer[:40]!r} does not start with '(X)'")
+    if match.group(1) not in letters:
+        raise Skip(f"answer '{match.group(1)}' is not among the options {letters[0]}-{letters[-1]}")
+    question = "\n".join(line.strip() for line in stem).strip()  # drop indentation, keep line breaks
+    if not question:
+        raise Skip("empty question stem")
+    return question, texts, letters.index(match.group(1))
+
+
+def parse_pubmedqa(record: dict[str, Any], choices: list[str], label: str | None = None) -> tuple:
+    """PQA-L record (release or hub spelling); the label is yes/no/maybe."""
+    question = _text(record.get("QUESTION") or record.get("question"))
+    if not question:
+        raise Skip("missing field 'QUESTION'")
+    contexts = record.get("CONTEXTS")
+    if contexts is None and isinstance(record.get("context"), dict):
+        contexts = record["context"].get("contexts")
+    if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts) or not contexts:
+        raise Skip("'CONTEXTS' is not a non-empty list of strings")
+    decision = label if label is not None else record.get("final_decision")
+    if decision not in choices:
+        raise Skip(f"label {decision!r} is not one of {'/'.join(choices)}")
+    return question, list(choices), choices.index(decision), "\n".join(contexts)
+
+
+def parse_mc(record: dict[str, Any], columns: Columns, answer_format: str) -> tuple:
+    """Generic multiple choice with mapped columns; options a list, a dict or separate columns."""
+    question = _text(_need(record, columns.question))
+    if isinstance(columns.options, list):
+        options = _check_options([record.get(c) for c in columns.options])
+    else:
+        raw = _need(record, columns.options)
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)  # a CSV cell holding a JSON list/object
+            except json.JSONDecodeError:
+                raise Skip(f"'{columns.options}' is not a list or an object") from None
+        if isinstance(raw, dict):
+            raw = [raw[k] for k in sorted(raw)]
+        if not isinstance(raw, list):
+            raise Skip(f"'{columns.options}' is not a list or an object")
+        options = _check_options(raw)
+    gold = answer_index(record.get(columns.answer), options, answer_format)
+    context = _text(record.get(columns.context)) if columns.context else None
+    if columns.context and not context:
+        raise Skip(f"missing field '{columns.context}'")
+    return question, options, gold, context
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def iter_records(path: Path) -> Iterator[tuple[int | str, dict[str, Any]]]:
+    """(line or key, record) for JSONL, CSV, a JSON list, or a JSON {key: record} object."""
+    if not path.is_file():
+        raise HippoError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            for record in reader:
+                yield reader.line_num, dict(record)
+        return
+    if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if "Extra data" not in exc.msg:
+                raise HippoError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+            document = None  # JSON lines in a file named .json (MedMCQA's release does this)
+        if isinstance(document, list):
+            for i, record in enumerate(document):
+                if not isinstance(record, dict):
+                    raise HippoError(f"{path}: item {i} is not a JSON object")
+                yield i + 1, record
+            return
+        if isinstance(document, dict):
+            for key, record in document.items():
+                if not isinstance(record, dict):
+                    raise HippoError(f"{path}: '{key}' is not a JSON object")
+                yield key, record
+            return
+    yield from iter_jsonl(path)
+
+
+def _parse_all(
+    records: Iterator[tuple[int | str, dict[str, Any]]],
+    parse: Callable[[dict[str, Any]], tuple],
+    make_id: Callable[[int | str, dict[str, Any]], str],
+    where: Callable[[int | str], str],
+    keep: Callable[[dict[str, Any]], bool] = lambda r: True,
+) -> tuple[list[Item], list[tuple[str, str]]]:
+    items: list[Item] = []
+    skipped: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for key, record in records:
+        if not keep(record):
+            continue
+        ident = make_id(key, record)
+        if ident in seen:  # ids must be unique: few-shot sampling excludes the item by id
+            seen[ident] += 1
+            ident = f"{ident}#{seen[ident]}"
+        seen.setdefault(ident, 1)
+        try:
+            parsed = parse(record)
+        except Skip as exc:
+            skipped.append((ident, f"{where(key)}: {exc}"))
+            continue
+        question, options, gold, *rest = parsed
+        context = rest[0] if rest else None
+        items.append(Item(ident, question, options, gold, context, where(key)))
+    return items, skipped
+
+
+def _parser(spec: TaskSpec, fmt: str, columns: Columns, answer_format: str) -> Callable:
+    if fmt == "medqa":
+        return parse_medqa
+    if fmt == "medmcqa":
+        return parse_medmcqa
+    if fmt == "usmle":
+        return parse_usmle
+    if fmt == "mc":
+        return lambda r: parse_mc(r, columns, answer_format)
+    raise AssertionError(fmt)
+
+
+def _id_maker(fmt: str, columns: Columns, task: str) -> Callable[[int | str, dict[str, Any]], str]:
+    def make(key: int | str, record: dict[str, Any]) -> str:
+        column = {"medmcqa": "id", "usmle": "question_id", "pubmedqa": "pubid"}.get(fmt)
+        if fmt == "mc":
+            column = columns.id
+        value = record.get(column) if column else None
+        if value not in (None, ""):
+            return str(value)
+        return str(key) if fmt == "pubmedqa" or isinstance(key, str) else f"{task}-{key}"
+
+    return make
+
+
+def load_file(spec: TaskSpec, path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Parse one local file in the task's format (pubmedqa: every record, labels from the file)."""
+    fmt = spec.format
+    if fmt == "pubmedqa":
+        choices = spec.choices
+        return _parse_all(
+            iter_records(path),
+            lambda r: parse_pubmedqa(r, choices),
+            _id_maker(fmt, spec.columns, spec.task),
+            lambda k: f"{path}:{k}",
+        )
+    keep = (lambda r: r.get("category") == spec.category) if fmt == "usmle" and spec.category else None
+    items, skipped = _parse_all(
+        iter_records(path),
+        _parser(spec, fmt, spec.columns, spec.answer_format),
+        _id_maker(fmt, spec.columns, spec.task),
+        lambda k: f"{path}:{k}",
+        keep or (lambda r: True),
+    )
+    if fmt == "usmle" and spec.category:  # records with no category belong to no step: say so
+        for key, record in iter_records(path):
+            if record.get("category") in (None, ""):
+                ident = _id_maker(fmt, spec.columns, spec.task)(key, record)
+                skipped.append((ident, f"{path}:{key}: no category, so it belongs to no step"))
+    return items, skipped
+
+
+def _load_pubmedqa(spec: TaskSpec, path: Path) -> tuple[list[Item], list[Item], bool, list]:
+    """PQA-L: the test split is the ground-truth PMIDs (labels from that file), the pool the rest."""
+    items, skipped = load_file(spec, path)
+    if spec.split == "all":
+        return items, items, True, skipped
+    truth_path = path.with_name(spec.ground_truth)
+    if not truth_path.is_file():
+        raise HippoError(
+            f"{truth_path}: not found; task {spec.task} needs the official test PMIDs beside "
+            f"{path.name} (or use task pubmedqa_all for all {len(items)} items)"
+        )
+    truth = read_json(truth_path)
+    if not isinstance(truth, dict):
+        raise HippoError(f"{truth_path}: expected an object PMID -> label")
+    by_id = {item.id: item for item in items}
+    bad = {ident for ident, _ in skipped}
+    test: list[Item] = []
+    test_skipped = [(i, r) for i, r in skipped if i in truth]
+    for pmid, label in truth.items():
+        if pmid in bad:
+            continue
+        item = by_id.get(pmid)
+        if item is None:
+            test_skipped.append((pmid, f"{truth_path}: PMID {pmid} is not in {path.name}"))
+        elif label not in spec.choices:
+            test_skipped.append((pmid, f"{truth_path}: label {label!r} is not one of {spec.choices}"))
+        else:
+            test.append(
+                Item(
+                    item.id, item.question, item.options, spec.choices.index(label), item.context, item.where
+                )
+            )
+    order = {item.id: i for i, item in enumerate(items)}
+    test.sort(key=lambda it: order[it.id])  # file order of ori_pqal.json
+    pool = [item for item in items if item.id not in truth]
+    return test, pool, False, test_skipped
+
+
+def _fewshot_file(spec: TaskSpec, path: Path, explicit: str | None) -> Path | None:
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise HippoError(f"{p}: few-shot file not found (--fewshot-data {spec.task}=PATH)")
+        return p
+    for name in spec.fewshot_files:
+        candidate = path.with_name(name)
+        if candidate.is_file() and candidate.resolve() != path.resolve():
+            return candidate
+    return None
+
+
+def local_path(spec: TaskSpec, data: str | None, data_dir: str | None) -> Path | None:
+    """The local file for a task: ``--data TASK=PATH`` (file or folder), else under --data-dir."""
+    if data:
+        p = Path(data).expanduser()
+        if p.is_dir():
+            if not spec.file:
+                raise HippoError(f"{p}: task {spec.task} has no default file name; give the file itself")
+            for candidate in (p / spec.file, p / Path(spec.file).name):
+                if candidate.is_file():
+                    return candidate
+            raise HippoError(f"{p}: no {Path(spec.file).name} in this folder (--data {spec.task}=PATH)")
+        if not p.is_file():
+            raise HippoError(f"{p}: file not found (--data {spec.task}=PATH)")
+        return p
+    if data_dir:
+        if not spec.file:
+            raise HippoError(f"task {spec.task} has no default file; pass --data {spec.task}=PATH")
+        p = Path(data_dir).expanduser() / spec.file
+        if not p.is_file():
+            raise HippoError(f"{p}: file not found (task {spec.task} under --data-dir {data_dir})")
+        return p
+    return None
+
+
+def _warn(task: str, skipped: list[tuple[str, str]], what: str = "record(s)") -> None:
+    if skipped:
+        shown = "; ".join(f"{i} ({reason})" for i, reason in skipped[:5])
+        more = f"; ... {len(skipped) - 5} more in results.json" if len(skipped) > 5 else ""
+        status(f"warning: {task}: skipped {len(skipped)} unusable {what}: {shown}{more}")
+
+
+def load_task(
+    spec: TaskSpec, data: str | None = None, data_dir: str | None = None, fewshot_data: str | None = None
+) -> TaskData:
+    """Load a task's items and few-shot pool from a local file, or from the hub when none is given."""
+    path = local_path(spec, data, data_dir)
+    if path is None:
+        return load_hf(spec)
+    if spec.format == "pubmedqa":
+        items, pool, pool_is_eval, skipped = _load_pubmedqa(spec, path)
+        pool_source = (
+            f"{path} (PMIDs not in {spec.ground_truth})" if not pool_is_eval else f"{path} (other items)"
+        )
+    elif spec.format == "usmle":
+        items, skipped = load_file(spec, path)
+        pool, pool_is_eval, pool_source = items, True, f"{path} (other {spec.category} items)"
+    else:
+        items, skipped = load_file(spec, path)
+        pool_path = _fewshot_file(spec, path, fewshot_data)
+        if pool_path is None:
+            pool, pool_is_eval, pool_source = items, True, f"{path} (other items)"
+        else:
+            pool, pool_skipped = load_file(spec, pool_path)
+            _warn(spec.task, pool_skipped, f"few-shot record(s) in {pool_path.name}")
+            pool_is_eval, pool_source = False, str(pool_path)
+    _warn(spec.task, skipped)
+    if not items:
+        raise HippoError(f"{path}: no usable items for task {spec.task}")
+    return TaskData(spec, items, pool, pool_is_eval, str(path), sha256_file(path), pool_source, skipped)
+
+
+def load_hf(spec: TaskSpec) -> TaskData:
+    """Online: the task's Hugging Face dataset (the one the paper's harness / lm-eval use)."""
+    hf: HFSource | None = spec.hf
+    hint = f"--data {spec.task}=PATH" + (f" or --data-dir DIR holding {spec.file}" if spec.file else "")
+    if hf is None:
+        raise HippoError(f"task {spec.task}: no local file given ({hint}) and no Hugging Face source")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        raise HippoError(
+            f"task {spec.task}: no local file given ({hint}), and HF_HUB_OFFLINE is set, "
+            f"so the hub dataset {hf.path} cannot be downloaded"
+        )
+    fmt = hf.format or spec.format
+    columns = hf.columns or spec.columns
+    splits = {"eval": hf.split, **({"pool": hf.fewshot_split} if hf.fewshot_split else {})}
+    loaded: dict[str, tuple[list[Item], list]] = {}
+    for role, split in splits.items():
+        try:
+            import datasets
+
+            rows = datasets.load_dataset(hf.path, hf.name, data_files=hf.data_files, split=split)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HippoError(
+                f"task {spec.task}: no local file given ({hint}) and the hub dataset {hf.path} "
+                f"could not be loaded: {first}"
+            ) from None
+        records = ((i + 1, dict(row)) for i, row in enumerate(rows))
+        where = lambda k, s=split: f"{hf.path}[{s}]:{k}"  # noqa: E731
+        if fmt == "pubmedqa":
+            parse = lambda r: parse_pubmedqa(r, spec.choices)  # noqa: E731
+        else:
+            parse = _parser(spec, fmt, columns, hf.answer_format)
+        loaded[role] = _parse_all(records, parse, _id_maker(fmt, columns, spec.task), where)
+    items, skipped = loaded["eval"]
+    _warn(spec.task, skipped)
+    if "pool" in loaded:
+        pool, pool_is_eval = loaded["pool"][0], False
+    else:
+        pool, pool_is_eval = items, True
+    source = f"hf:{hf.path}" + (f"/{hf.name}" if hf.name else "") + f"[{hf.split}]"
+    return TaskData(
+        spec,
+        items,
+        pool,
+        pool_is_eval,
+        source,
+        None,
+        f"hf:{hf.path}[{splits.get('pool', hf.split)}]",
+        skipped,
+    )

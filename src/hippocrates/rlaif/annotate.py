@@ -1,0 +1,341 @@
+"""``hippo annotate``: RLAIF preference data from the SFT model and an AI judge with clinician guidelines.
+
+For each patient question we sample n candidates, form every pair, and ask the judge about each
+pair in both orders. Only pairs where both orders agree become (chosen, rejected) preferences for
+DPO; ties, inconsistent (position-following) verdicts, failures and identical candidates are kept
+in set_aside.jsonl with their verdicts, and the consistency rate goes into metrics.json. The
+whole output directory is written atomically, so a crash never leaves a half-finished stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hippocrates.config import Recipe, load_recipe
+from hippocrates.data.io import atomic_dir, sha256_file, write_json, write_jsonl
+from hippocrates.errors import HippoError
+from hippocrates.progress import status
+from hippocrates.rlaif.agreement import evaluate_agreement
+from hippocrates.rlaif.candidates import load_prompts, sample_candidates
+from hippocrates.rlaif.judges import (
+    Judge,
+    JudgeItem,
+    Verdict,
+    combine_orders,
+    default_device,
+    load_rubric,
+    make_judge,
+)
+
+
+def make_pairs(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every unordered candidate pair per prompt: (pairs to judge, identical pairs set aside)."""
+    pairs, identical = [], []
+    for rec in records:
+        texts = [c["text"] for c in rec["candidates"]]
+        for i, j in itertools.combinations(range(len(texts)), 2):
+            pair = {
+                "id": rec["id"],
+                "prompt": rec["prompt"],
+                "candidates": [i, j],
+                "responses": [texts[i], texts[j]],
+            }
+            (identical if texts[i].strip() == texts[j].strip() else pairs).append(pair)
+    return pairs, identical
+
+
+def resolve_pairs(pairs: list[dict[str, Any]], verdicts: list[Verdict], judge: Judge) -> dict[str, Any]:
+    """Split judged pairs (verdicts interleaved: i-first, j-first) into preferences and set-asides."""
+    preferences, set_aside, counts = [], [], {"A": 0, "B": 0, "tie": 0, "inconsistent": 0, "failed": 0}
+    for k, pair in enumerate(pairs):
+        first, second = verdicts[2 * k], verdicts[2 * k + 1]
+        outcome = combine_orders(first, second)
+        counts[outcome] += 1
+        orders = {"first_shown_first": first.to_dict(), "second_shown_first": second.to_dict()}
+        if outcome in ("A", "B"):
+            win = 0 if outcome == "A" else 1
+            shown_first = first if win == 0 else second  # its reason calls the chosen answer "A"
+            preferences.append(
+                {
+                    "id": pair["id"],
+                    "prompt": pair["prompt"],
+                    "chosen": pair["responses"][win],
+                    "rejected": pair["responses"][1 - win],
+                    "reason": shown_first.reason,
+                    "judge": judge.name,
+                    "rubric_version": judge.rubric.version,
+                    "candidates": pair["candidates"],
+                    "chosen_candidate": pair["candidates"][win],
+                    "verdicts": orders,
+                }
+            )
+        else:
+            set_aside.append(
+                {
+                    **pair,
+                    "outcome": outcome,
+                    "verdicts": orders,
+                    "raw": [first.raw, second.raw] if outcome == "failed" else None,
+                }
+            )
+    return {"preferences": preferences, "set_aside": set_aside, "counts": counts}
+
+
+def position_stats(verdicts: list[Verdict], counts: dict[str, int]) -> dict[str, Any]:
+    """Consistency rate (same verdict after swapping, ties included) and first-slot preference.
+
+    For a log-prob judge, ``raw_consistency_rate`` is the same rate before calibration, so the
+    report shows how much of the consistency the calibration supplies.
+    """
+    judged = sum(counts[k] for k in ("A", "B", "tie", "inconsistent"))
+    decisive = [v.verdict for v in verdicts if v.verdict in ("A", "B")]
+    raw = None
+    if verdicts and all("logp_a" in v.scores for v in verdicts):
+        labels = [Verdict("A" if v.scores["logp_a"] > v.scores["logp_b"] else "B") for v in verdicts]
+        outcomes = [combine_orders(labels[k], labels[k + 1]) for k in range(0, len(labels) - 1, 2)]
+        raw = sum(o != "inconsistent" for o in outcomes) / len(outcomes)
+    return {
+        "consistency_rate": (judged - counts["inconsistent"]) / judged if judged else None,
+        "raw_consistency_rate": raw,
+        "first_position_rate": decisive.count("A") / len(decisive) if decisive else None,
+    }
+
+
+def check_judge(config: Any) -> None:
+    """Raise a one-line HippoError for a judge that cannot work (rubric, model spec, API key)."""
+    load_rubric(config.rubric)
+    if config.backend == "local":
+        from hippocrates.models import resolve_model
+
+        resolve_model(config.model)
+    elif config.api_key_env and not os.environ.get(config.api_key_env):
+        raise HippoError(f"judge.api_key_env: environment variable {config.api_key_env} is not set")
+
+
+def run_annotate(
+    recipe: Recipe,
+    model_path: str,
+    out_dir: Path,
+    *,
+    agreement: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Sample, judge in both orders, and write OUTPUT/annotate atomically; returns metrics.json's content."""
+    from hippocrates.models import load_model, load_tokenizer, resolve_model
+    from hippocrates.stages.common import (
+        check_owner,
+        compute_inputs_hash,
+        model_fingerprint,
+        now,
+        resolve_precision,
+    )
+
+    cfg, out_dir, t0, started = recipe.stages.annotate, Path(out_dir), time.time(), now()
+    check_owner(out_dir, recipe, overwrite)
+    precision = resolve_precision(recipe.precision)
+    prompts = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts)
+    check_judge(cfg.judge)  # fail on a bad judge setting before minutes of sampling
+    status(f"annotate: {len(prompts)} prompts x {cfg.n_candidates} candidates from {model_path}")
+    resolved = resolve_model(model_path)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=recipe.trust_remote_code)
+    model = load_model(
+        resolved, precision=precision, trust_remote_code=recipe.trust_remote_code, device=default_device()
+    )
+    t_load = time.time()
+    records = sample_candidates(
+        model,
+        tokenizer,
+        prompts,
+        n=cfg.n_candidates,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=recipe.seed,
+        template=recipe.stages.sft.template,
+    )
+    t_sample = time.time()
+    same = cfg.judge.backend == "local" and resolve_model(cfg.judge.model).path == resolved.path
+    if not same:
+        model = None  # free the policy before loading a judge
+    judge = make_judge(
+        cfg.judge,
+        precision=precision,
+        batch_size=cfg.batch_size,
+        trust_remote_code=recipe.trust_remote_code,
+        cache_path=Path(cfg.judge.cache) if cfg.judge.cache else out_dir.parent / "judge_cache.sqlite",
+        model=model,
+        tokenizer=tokenizer if same else None,
+    )
+    pairs, identical = make_pairs(records)
+    items = [
+        JudgeItem(p["prompt"], *order) for p in pairs for order in (p["responses"], p["responses"][::-1])
+    ]
+    status(f"annotate: judging {len(pairs)} pairs in both orders with {judge.name}")
+    t_judge0 = time.time()
+    verdicts = judge.judge_pairs(items)
+    t_judge = time.time() - t_judge0
+    result = resolve_pairs(pairs, verdicts, judge)
+    set_aside = [{**p, "outcome": "identical"} for p in identical] + result["set_aside"]
+    metrics: dict[str, Any] = {
+        "stage": "annotate",
+        "prompts": len(prompts),
+        "candidates": len(prompts) * cfg.n_candidates,
+        "pairs": len(pairs) + len(identical),
+        "judged_pairs": len(pairs),
+        "identical_pairs": len(identical),
+        "preference_pairs": len(result["preferences"]),
+        "ties": result["counts"]["tie"],
+        "inconsistent": result["counts"]["inconsistent"],
+        "failed": result["counts"]["failed"],
+        "failed_items": sum(not v.ok for v in verdicts),
+        "set_aside": len(set_aside),
+        **position_stats(verdicts, result["counts"]),
+        "judge": judge.name,
+        "judge_backend": cfg.judge.backend,
+        "rubric_version": judge.rubric.version,
+        "judge_stats": copy.deepcopy(judge.stats),  # agreement reuses the judge
+        "candidate_tokens_mean": _mean_tokens(records),
+        "time_s": {
+            "load": round(t_load - t0, 2),
+            "sample": round(t_sample - t_load, 2),
+            "judge": round(t_judge, 2),
+        },
+        "judge_items_per_s": round(len(items) / t_judge, 3) if t_judge > 0 and items else None,
+    }
+    agreement_rows = None
+    if agreement:
+        status(f"annotate: agreement with human labels in {agreement}")
+        metrics["agreement"], agreement_rows = evaluate_agreement(judge, agreement)
+    metrics["time_s"]["total"] = round(time.time() - t0, 2)
+    if metrics["failed_items"]:
+        status(
+            f"annotate: {metrics['failed_items']} judge calls failed ({judge.stats.get('errors', {})}); "
+            "a rerun retries only those (answers are cached)"
+        )
+    if not result["preferences"]:
+        status("annotate: warning: no preference pairs; DPO will have nothing to train on")
+    data = [{"path": str(cfg.prompts), "sha256": sha256_file(cfg.prompts)}]
+    if agreement:
+        data.append({"path": str(agreement), "sha256": sha256_file(agreement)})
+    model_fp = model_fingerprint(str(model_path))
+    config = cfg.model_dump(mode="json")
+    manifest = _manifest(
+        recipe,
+        model_path,
+        model_fp,
+        config,
+        data,
+        precision,
+        started,
+        t0,
+        compute_inputs_hash("annotate", config, recipe, model_fp, data),
+        judge,
+    )
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / "candidates.jsonl", records)
+        write_jsonl(tmp / "preferences.jsonl", result["preferences"])
+        write_jsonl(tmp / "set_aside.jsonl", set_aside)
+        if agreement_rows is not None:
+            write_jsonl(tmp / "agreement.jsonl", agreement_rows)
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "manifest.json", manifest)
+    return metrics
+
+
+def _mean_tokens(records: list[dict[str, Any]]) -> float:
+    counts = [c["n_tokens"] for r in records for c in r["candidates"]]
+    return round(sum(counts) / len(counts), 2) if counts else 0.0
+
+
+def _manifest(
+    recipe: Recipe,
+    model_path: str,
+    model_fp: str,
+    config: dict[str, Any],
+    data: list[dict[str, Any]],
+    precision: str,
+    started: str,
+    t0: float,
+    inputs_hash: str,
+    judge: Judge,
+) -> dict[str, Any]:
+    """The same fields the training stages write, plus the judge and rubric (never an API key)."""
+    from hippocrates import __version__
+    from hippocrates.config import recipe_to_dict
+    from hippocrates.stages.common import digest, git_commit, hardware, now, package_versions
+
+    finished = now()
+    return {
+        "stage": "annotate",
+        "recipe_name": recipe.name,
+        "recipe_path": recipe.source_path,
+        "hippocrates_version": __version__,
+        "inputs_hash": inputs_hash,
+        "fingerprint": digest({"inputs_hash": inputs_hash, "finished": finished, "t": time.time()}),
+        "input_model": {"path": str(model_path), "fingerprint": model_fp},
+        "config": config,
+        "data": data,
+        "judge": judge.name,
+        "rubric": {"version": judge.rubric.version, "sha256": judge.rubric.sha256, "path": judge.rubric.path},
+        "seed": recipe.seed,
+        "precision": precision,
+        "started": started,
+        "finished": finished,
+        "duration_s": round(time.time() - t0, 1),
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "hardware": hardware(),
+        "command": sys.argv,
+        "recipe": recipe_to_dict(recipe),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (its stages.annotate section)")
+    parser.add_argument(
+        "--model", help="model that writes the candidates (default: OUTPUT/sft if present, else base_model)"
+    )
+    parser.add_argument("--output", help="output folder (default: OUTPUT/annotate)")
+    parser.add_argument(
+        "--agreement",
+        metavar="FILE",
+        help="also measure agreement with human labels "
+        "(JSONL: prompt, response_a, response_b, label A|B|tie)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder written by another recipe"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe)
+    out = Path(recipe.output_dir)
+    model = args.model or (str(out / "sft") if (out / "sft" / "config.json").is_file() else recipe.base_model)
+    if args.agreement and not Path(args.agreement).is_file():
+        raise HippoError(f"{args.agreement}: file not found")
+    out_dir = Path(args.output) if args.output else out / "annotate"
+    m = run_annotate(recipe, model, out_dir, agreement=args.agreement, overwrite=args.overwrite)
+    rate = m["consistency_rate"]
+    print(
+        f"annotate: {m['preference_pairs']} preference pairs from {m['judged_pairs']} judged pairs "
+        f"(ties {m['ties']}, inconsistent {m['inconsistent']}, failed {m['failed']}, "
+        f"identical {m['identical_pairs']}); consistency rate {'n/a' if rate is None else f'{rate:.3f}'}"
+    )
+    if "agreement" in m:
+        a = m["agreement"]
+        kappa = "n/a" if a["cohen_kappa"] is None else f"{a['cohen_kappa']:.3f}"
+        acc = "n/a" if a["accuracy"] is None else f"{a['accuracy']:.3f}"
+        print(
+            f"agreement with {args.agreement}: accuracy {acc}, Cohen's kappa {kappa} over {a['n']} pairs "
+            f"({a['failed']} failed)"
+        )
+    print(f"annotate: preferences.jsonl, set_aside.jsonl, candidates.jsonl, metrics.json in {out_dir}")
+    return 0

@@ -1,0 +1,221 @@
+"""``hippo cpt``: continued pre-training on medical text with LoRA.
+
+Documents are cleaned (whitespace normalised; empty ones dropped and counted), tokenized with EOS
+after each, concatenated and cut into ``max_seq_len`` blocks. A streamed corpus
+(``streaming: true``) is read, tokenized and packed lazily, so memory does not grow with its size.
+Held-out perplexity is measured on the same kind of blocks before and after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hippocrates.config import Recipe, Source, load_recipe
+from hippocrates.data.sources import clean_text, describe, iter_records, text_of
+from hippocrates.errors import HippoError
+from hippocrates.progress import status
+from hippocrates.stages import common
+from hippocrates.stages.mixture import interleave, sample_mixture
+from hippocrates.stages.modeling import (
+    MaskedLMTrainer,
+    PackedCollator,
+    install_masked_head,
+    mean_nll,
+)
+
+
+def iter_texts(source: Source, stats: Counter) -> Iterator[str]:
+    """Cleaned, non-empty documents of one source (empty ones are counted in ``stats``)."""
+    for where, record in iter_records(source):
+        text = clean_text(text_of(record, source.text_field, where))
+        stats["documents"] += 1
+        if not text:
+            stats["empty_dropped"] += 1
+            continue
+        yield text
+
+
+def iter_corpus(sources: list[Source], seed: int, stats: Counter) -> Iterator[str]:
+    """The weighted mixture of sources: resampled in memory, or interleaved lazily when streaming."""
+    weights = [s.weight for s in sources]
+    if any(s.streaming for s in sources):
+        yield from interleave([iter_texts(s, stats) for s in sources], weights, seed)
+    else:
+        yield from sample_mixture([list(iter_texts(s, stats)) for s in sources], weights, seed)
+
+
+def iter_blocks(texts: Iterator[str], tokenizer, block: int) -> Iterator[list[int]]:
+    """Tokenize documents with EOS after each and cut the stream into ``block``-token pieces."""
+    eos = tokenizer.eos_token_id
+    buffer: list[int] = []
+    while batch := list(islice(texts, 64)):
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            buffer.extend(ids)
+            buffer.append(eos)
+            while len(buffer) >= block:
+                yield buffer[:block]
+                buffer = buffer[block:]
+    if len(buffer) > 1:
+        yield buffer
+
+
+def as_row(ids: list[int]) -> dict[str, Any]:
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+class StreamedBlocks(torch.utils.data.IterableDataset):
+    """Training blocks produced on the fly from streamed sources (nothing is held in memory)."""
+
+    def __init__(self, sources: list[Source], tokenizer, block: int, seed: int, stats: Counter):
+        self.sources, self.tokenizer, self.block, self.seed, self.stats = (
+            sources,
+            tokenizer,
+            block,
+            seed,
+            stats,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        corpus = iter_corpus(self.sources, self.seed, self.stats)
+        for ids in iter_blocks(corpus, self.tokenizer, self.block):
+            self.stats["train_blocks"] += 1
+            self.stats["train_tokens"] += len(ids)
+            yield as_row(ids)
+
+
+def perplexity(model, rows: list[dict[str, Any]], collator, batch_size: int, precision: str) -> float | None:
+    if not rows:
+        return None
+    nll, _ = mean_nll(model, rows, collator, batch_size, precision)
+    return math.exp(nll)
+
+
+def stage_inputs(recipe: Recipe, out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The resolved config and data identities that make up this stage's inputs hash."""
+    cfg = recipe.stages.cpt
+    data = [describe(s) for s in cfg.data] + [{**describe(s), "role": "eval"} for s in cfg.eval_data]
+    return cfg.model_dump(mode="json"), data
+
+
+def run_cpt(
+    recipe: Recipe,
+    model_path: str,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    report_to: list[str] | None = None,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA on the recipe's CPT corpus, merge it, and write OUTPUT/cpt (see docs/CONTRACTS.md)."""
+    cfg = recipe.stages.cpt
+    if not cfg.data:
+        raise HippoError("stages.cpt.data: no training corpus given")
+    streaming = any(s.streaming for s in cfg.data)
+    if streaming and cfg.train.max_steps <= 0:
+        raise HippoError(
+            "stages.cpt.train.max_steps: a streamed corpus has no known length; set max_steps > 0"
+        )
+    config, data = stage_inputs(recipe, Path(out_dir))
+    stats: Counter = Counter()
+    texts = None if streaming else list(iter_corpus(cfg.data, recipe.seed, stats))  # validated before writing
+    if texts is not None and not texts:
+        raise HippoError(f"stages.cpt.data: no training text ({stats['documents']} documents, all empty)")
+    eval_stats: Counter = Counter()
+    eval_texts = [t for s in cfg.eval_data for t in iter_texts(s, eval_stats)]
+    run = common.begin_stage(
+        "cpt",
+        recipe,
+        model_path,
+        Path(out_dir),
+        config,
+        data,
+        resume=resume,
+        overwrite=overwrite,
+        report_to=report_to,
+        callbacks=callbacks,
+    )
+    model, tokenizer = common.load_for_training(run)
+    block = cfg.train.max_seq_len
+    if texts is None:
+        train_data: Any = StreamedBlocks(cfg.data, tokenizer, block, recipe.seed, stats)
+    else:
+        train_data = [as_row(ids) for ids in iter_blocks(iter(texts), tokenizer, block)]
+        stats["train_blocks"] = len(train_data)
+        stats["train_tokens"] = sum(len(r["input_ids"]) for r in train_data)
+        status(f"cpt: {stats['documents']} documents -> {len(train_data)} blocks of <= {block} tokens")
+    if stats["empty_dropped"]:
+        status(f"cpt: dropped {stats['empty_dropped']} empty documents")
+    eval_rows = [as_row(ids) for ids in iter_blocks(iter(eval_texts), tokenizer, block)]
+    if not cfg.eval_data:
+        run.notes.append("no stages.cpt.eval_data: held-out perplexity not measured")
+
+    from transformers import TrainingArguments
+
+    install_masked_head(model)
+    model = common.wrap_lora(model, cfg.lora, cfg.train, recipe.seed)
+    collator = PackedCollator(tokenizer.pad_token_id)
+    trainer = MaskedLMTrainer(
+        model=model,
+        args=TrainingArguments(**common.trainer_kwargs(run, cfg.train)),
+        train_dataset=train_data,
+        data_collator=collator,
+        callbacks=run.callbacks,
+    )
+    batch = cfg.train.batch_size
+    ppl_before = perplexity(trainer.model, eval_rows, collator, batch, run.precision)
+    if ppl_before is not None:
+        status(f"cpt: held-out perplexity before training {ppl_before:.3f}")
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    ppl_after = perplexity(trainer.model, eval_rows, collator, batch, run.precision)
+    if ppl_after is not None:
+        status(f"cpt: held-out perplexity after training {ppl_after:.3f}")
+    summary = common.train_summary(trainer, run)
+    metrics = {
+        **{k: v for k, v in summary.items() if k != "log_history"},
+        "eval_perplexity_before": ppl_before,
+        "eval_perplexity_after": ppl_after,
+        "eval_blocks": len(eval_rows),
+        "documents": stats["documents"],
+        "empty_documents_dropped": stats["empty_dropped"] + eval_stats["empty_dropped"],
+        "train_blocks": stats["train_blocks"],
+        "train_tokens": stats["train_tokens"],
+        "tokens_per_s": _rate(trainer.supervised_tokens, summary["train_runtime_s"]),
+        "streaming": streaming,
+        "log_history": summary["log_history"],
+    }
+    return common.finish_stage(run, trainer.model, tokenizer, metrics)
+
+
+def _rate(tokens: int, seconds: float | None) -> float | None:
+    return round(tokens / seconds, 1) if seconds else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_stage_arguments(parser, "cpt")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe)
+    model = args.model or common.default_input_model(recipe, "cpt")
+    out = Path(args.output) if args.output else common.stage_dir(recipe, "cpt")
+    metrics = run_cpt(
+        recipe,
+        model,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        report_to=common.report_to_arg(args.report_to),
+    )
+    common.print_result(
+        "cpt", out, metrics, ["eval_perplexity_before", "eval_perplexity_after", "train_loss"]
+    )
+    return 0

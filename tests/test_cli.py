@@ -28,9 +28,13 @@ def test_each_subcommand_has_help(name: str):
     assert "usage: hippo" in proc.stdout
 
 
-@pytest.mark.parametrize("name", sorted(n for n, (module, _) in COMMANDS.items() if module is None))
-def test_unlanded_subcommands_exit_2(name: str, capsys):
-    assert main([name]) == 2
+def test_every_subcommand_has_landed():
+    assert [n for n, (module, _) in COMMANDS.items() if module is None] == []
+
+
+def test_an_unlanded_subcommand_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(COMMANDS, "future", (None, "a command whose issue is still open"))
+    assert main(["future"]) == 2
     assert "not available yet" in capsys.readouterr().err
 
 

@@ -138,3 +138,59 @@ def test_dry_run_answers_and_plans(tmp_path, tiny_llama_dir, capsys):
     out = capsys.readouterr().out
     assert "Q: " in out and "1. cpt" in out and "4. report" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_runs_the_analyses_before_the_report(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    """analyses.ablation / analyses.sweep slot in after eval; the sweep gets only its tasks' files."""
+    calls: dict[str, list] = {"ablate": [], "sweep": []}
+
+    def ablate(recipe, *, shots, limit, force_eval):
+        calls["ablate"].append({"shots": shots, "limit": limit, "force": force_eval})
+        row = {"name": "base", "label": "Base", "status": "ok", "average": 0.5, "reused_eval": False}
+        return {"variants": [row]}
+
+    def sweep(model, tasks, data, prompts, chats, shots, out_dir, **kwargs):
+        calls["sweep"].append({"model": model, "tasks": tasks, "data": data, "shots": shots, **kwargs})
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        row = {"prompt": "letter", "chat_template": False, "num_fewshot": 0, "average": 0.5}
+        (Path(out_dir) / "sweep.json").write_text(json.dumps({"rows": [row]}))
+
+    real = pipeline.load_entry
+    monkeypatch.setattr(
+        pipeline, "load_entry", lambda stage: {"ablate": ablate, "sweep": sweep}.get(stage) or real(stage)
+    )
+    medqa, pubmedqa = tmp_path / "medqa.jsonl", tmp_path / "pubmedqa.json"
+    medqa.write_text("{}\n")
+    pubmedqa.write_text("{}")
+    recipe = make_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        **{
+            "stages.cpt.enabled": False,
+            "stages.sft.enabled": False,
+            "stages.dpo.enabled": False,
+            "eval": {
+                "enabled": False,
+                "tasks": ["medqa", "pubmedqa"],
+                "limit": 7,
+                "data": {"medqa": str(medqa), "pubmedqa": str(pubmedqa)},
+            },
+            "analyses": {
+                "ablation": {"enabled": True, "num_fewshot": 3},
+                "sweep": {"enabled": True, "tasks": ["medqa"], "num_fewshot": [0, 1]},
+            },
+        },  # fmt: skip
+    )
+    first = run_pipeline(capsys, recipe)
+    assert (first["ablate"], first["sweep"], first["report"]) == ("ran", "ran", "ran")
+    assert calls["ablate"] == [{"shots": 3, "limit": None, "force": False}]
+    (call,) = calls["sweep"]
+    assert call["model"] == str(tiny_llama_dir) and call["tasks"] == ["medqa"] and call["shots"] == [0, 1]
+    assert call["data"] == {"medqa": str(medqa)} and call["limit"] == 7
+    assert "best letter-plain 0-shot 0.500" in first["_stdout"]
+    assert "## Prompting strategies" in (tmp_path / "out" / "report" / "report.md").read_text()
+
+    second = run_pipeline(capsys, recipe)
+    assert second["sweep"] == "skipped: unchanged" and len(calls["sweep"]) == 1
+    again = run_pipeline(capsys, recipe, "--from", "ablate")
+    assert again["sweep"] == "ran" and calls["ablate"][-1]["force"] is True

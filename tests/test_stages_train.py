@@ -155,3 +155,23 @@ def test_streaming_needs_max_steps(tmp_path, tiny_llama_dir):
     recipe.stages.cpt.data[0].streaming = True
     with pytest.raises(HippoError, match="max_steps"):
         run_cpt(recipe, str(tiny_llama_dir), tmp_path / "out" / "cpt")
+
+
+def test_streamed_cpt_trains_end_to_end(tmp_path, tiny_llama_dir):
+    from hippocrates.stages.cpt import run_cpt
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama_dir, **{"stages.cpt.train.max_steps": 2}))
+    recipe.stages.cpt.data[0].streaming = True
+    metrics = run_cpt(recipe, str(tiny_llama_dir), tmp_path / "out" / "cpt", report_to=[])
+    assert metrics["streaming"] is True and metrics["train_steps"] == 2
+    assert metrics["train_blocks"] >= 5 and metrics["documents"] > 0  # counted as they stream past
+    assert (tmp_path / "out" / "cpt" / "model.safetensors").is_file()
+
+
+def test_report_to_a_missing_logger_is_a_usage_error(tmp_path, tiny_llama_dir, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    recipe = make_recipe(tmp_path, tiny_llama_dir)
+    _expect_error(["sft", str(recipe), "--report-to", "wandb"], capsys, "wandb", "not installed")

@@ -168,6 +168,41 @@ class EvalConfig(Strict):
         return shots
 
 
+class AblationConfig(Strict):
+    """The stage ablation (``hippo ablate``), run by ``hippo pipeline`` after eval when enabled."""
+
+    enabled: bool = False
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(None, gt=0, description="first N items per task (default eval.limit)")
+
+
+class SweepConfig(Strict):
+    """The prompting-strategy sweep (``hippo eval --sweep``) on the pipeline's final model."""
+
+    enabled: bool = False
+    tasks: list[str] | None = Field(None, description="default: eval.tasks")
+    prompts: list[Literal["hippocrates", "letter", "cot"]] = Field(
+        default_factory=lambda: ["hippocrates", "letter", "cot"], min_length=1
+    )
+    chat_template: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
+    num_fewshot: list[int] = Field(default_factory=lambda: [0, 5], min_length=1)
+    limit: int | None = Field(None, gt=0, description="first N items per task (default eval.limit)")
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _non_negative(cls, shots: list[int]) -> list[int]:
+        if any(k < 0 for k in shots):
+            raise ValueError("shots must be >= 0")
+        return shots
+
+
+class AnalysesConfig(Strict):
+    """The paper's analyses that ``hippo pipeline`` runs before the report."""
+
+    ablation: AblationConfig = AblationConfig()
+    sweep: SweepConfig = SweepConfig()
+
+
 class StagesConfig(Strict):
     cpt: CPTConfig = CPTConfig()
     sft: SFTConfig = SFTConfig()
@@ -186,6 +221,7 @@ class Recipe(Strict):
     trust_remote_code: bool = False
     stages: StagesConfig = StagesConfig()
     eval: EvalConfig = EvalConfig()
+    analyses: AnalysesConfig = AnalysesConfig()
     source_path: str | None = Field(None, exclude=True)
 
     def enabled_stages(self) -> list[str]:
@@ -193,6 +229,11 @@ class Recipe(Strict):
         out = [s for s in ("cpt", "sft", "annotate", "dpo") if getattr(self.stages, s).enabled]
         if self.eval.enabled:
             out.append("eval")
+        out += [
+            name
+            for name, on in (("ablate", self.analyses.ablation), ("sweep", self.analyses.sweep))
+            if on.enabled
+        ]
         return out
 
 

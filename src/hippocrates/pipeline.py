@@ -1,7 +1,8 @@
 """``hippo pipeline``: run a recipe's enabled stages in order, as in the paper.
 
 CPT adapter merged -> domain-adapted model -> SFT -> merged -> annotate (RLAIF) -> DPO -> merged ->
-evaluation (once per shot count) -> report. A stage whose output is complete and whose inputs
+evaluation (once per shot count) -> stage ablation and prompting sweep (when the recipe's
+``analyses`` enable them) -> report. A stage whose output is complete and whose inputs
 (resolved config, input model fingerprint, data sha256s) are unchanged is skipped; ``--from STAGE``
 reruns from there. Stages owned by other modules (annotate, eval, report) are imported lazily; one
 that has not landed yet is reported as skipped, never faked. ``--dry-run`` checks the recipe, answers
@@ -19,16 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hippocrates import accel
 from hippocrates.config import Recipe, load_recipe
 from hippocrates.data.io import read_json, sha256_file, write_json
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
 
-ORDER = ("cpt", "sft", "annotate", "dpo", "eval", "report")
+ORDER = ("cpt", "sft", "annotate", "dpo", "eval", "ablate", "sweep", "report")
 TRAINING = ("cpt", "sft", "dpo")
 EXTERNAL = {
     "annotate": ("hippocrates.rlaif.annotate", "run_annotate"),
     "eval": ("hippocrates.eval.runner", "evaluate"),
+    "ablate": ("hippocrates.ablate", "run_ablation"),
+    "sweep": ("hippocrates.report.sweep", "run_sweep"),
     "report": ("hippocrates.report.build", "build_report"),
 }
 PREVIEW_QUESTION = "What are the warning signs of a stroke, and what should someone do if they notice them?"
@@ -243,6 +247,67 @@ class Pipeline:
         state = "ran" if ran else "skipped: unchanged"
         return Row("eval", state, detail="; ".join(details), output=str(self.out / "eval"))
 
+    def run_ablate(self, entry: Callable[..., Any]) -> Row:
+        """The paper's stage-contribution table; reuses this run's stage outputs and evaluations."""
+        cfg = self.recipe.analyses.ablation
+        data = entry(self.recipe, shots=cfg.num_fewshot, limit=cfg.limit, force_eval="ablate" in self.forced)
+        rows = data.get("variants", [])
+        ok = [v for v in rows if v.get("status") == "ok"]
+        reused = sum(bool(v.get("reused_eval")) for v in ok)
+        detail = ", ".join(
+            f"{v['label']} {v['average']:.3f}" for v in ok if isinstance(v.get("average"), float)
+        )
+        not_ok = [f"{v['label']} {v['status']}" for v in rows if v.get("status") != "ok"]
+        if not_ok:
+            detail += f"; {'; '.join(not_ok)}"
+        state = "skipped: unchanged" if ok and reused == len(rows) else "ran"
+        return Row("ablate", state, detail=detail, output=str(self.out / "ablation"))
+
+    def run_sweep(self, entry: Callable[..., Any]) -> Row:
+        """Prompt x chat template x shots on the final model, into OUTPUT/sweep/."""
+        from hippocrates.stages.common import compute_inputs_hash, model_fingerprint, resolve_precision
+
+        cfg, ev = self.recipe.analyses.sweep, self.recipe.eval
+        tasks = cfg.tasks or ev.tasks
+        out_dir = self.out / "sweep"
+        data = [
+            {"task": t, "sha256": sha256_file(p) if Path(p).is_file() else p}
+            for t, p in sorted(ev.data.items())
+            if t in tasks
+        ]
+        config = {**cfg.model_dump(mode="json"), "tasks": tasks, "eval_limit": ev.limit}
+        inputs_hash = compute_inputs_hash("sweep", config, self.recipe, model_fingerprint(self.model), data)
+        state = "skipped: unchanged"
+        if "sweep" in self.forced or not self.stamp_current("sweep", inputs_hash, [out_dir / "sweep.json"]):
+            entry(
+                self.model, tasks, {t: p for t, p in ev.data.items() if t in tasks} or None, cfg.prompts, cfg.chat_template, cfg.num_fewshot, out_dir,
+                limit=cfg.limit or ev.limit, batch_size=ev.batch_size,
+                precision=resolve_precision(self.recipe.precision),
+            )  # fmt: skip
+            self.write_stamp("sweep", inputs_hash)
+            state = "ran"
+        rows = read_json(out_dir / "sweep.json").get("rows", [])
+        best = max(
+            (r for r in rows if isinstance(r.get("average"), float)), key=lambda r: r["average"], default=None
+        )
+        detail = f"{len(rows)} combinations"
+        if best:
+            chat = "chat" if best["chat_template"] else "plain"
+            detail += f"; best {best['prompt']}-{chat} {best['num_fewshot']}-shot {best['average']:.3f}"
+        return Row("sweep", state, detail=detail, output=str(out_dir))
+
+    def run_external(self, stage: str, entry: Callable[..., Any]) -> Row:
+        status(f"pipeline: {stage}")
+        if stage == "annotate":
+            return self.run_annotate(entry)
+        if stage == "eval":
+            return self.run_eval(entry)
+        if stage == "ablate":
+            return self.run_ablate(entry)
+        if stage == "sweep":
+            return self.run_sweep(entry)
+        return Row("report", "ran", output=str(entry(self.out)))
+
     def run(self) -> list[Row]:
         self.check_outputs()
         for stage in ORDER:
@@ -260,14 +325,13 @@ class Pipeline:
                 module = EXTERNAL[stage][0]
                 status(f"pipeline: {stage} skipped: {module} has not landed yet")
                 row = Row(stage, "skipped: not landed", detail=f"{module} is missing")
+            elif stage == "ablate" and accel.world_size() > 1:
+                # it trains one more model (all ranks) and evaluates (one rank): run it on its own
+                status("pipeline: ablate skipped under a distributed launch; run `hippo ablate RECIPE` after")
+                row = Row(stage, "skipped: distributed launch", detail="run `hippo ablate RECIPE` afterwards")
             else:
-                status(f"pipeline: {stage}")
-                if stage == "annotate":
-                    row = self.run_annotate(entry)
-                elif stage == "eval":
-                    row = self.run_eval(entry)
-                else:
-                    row = Row("report", "ran", output=str(entry(self.out)))
+                with accel.main_process_first():  # one rank evaluates and writes; the others wait
+                    row = self.run_external(stage, entry) if accel.is_main_process() else Row(stage, "rank 0")
             row.seconds = time.time() - t0
             self.rows.append(row)
         return self.rows
@@ -349,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
         if pipeline.rows:
             print_summary(pipeline.rows, recipe, file=sys.stderr)
         raise
-    print_summary(rows, recipe)
-    write_json(Path(recipe.output_dir) / "pipeline.json", [r.__dict__ for r in rows])
+    if accel.is_main_process():
+        print_summary(rows, recipe)
+        write_json(Path(recipe.output_dir) / "pipeline.json", [r.__dict__ for r in rows])
     return 0

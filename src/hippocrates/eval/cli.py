@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from hippocrates.errors import HippoError
 from hippocrates.eval.prompts import DEFAULT_SEED, STRATEGIES
@@ -13,6 +14,7 @@ EXAMPLES = """examples:
   hippo eval --model smollm2-135m --tasks medqa,medmcqa,pubmedqa,usmle_step1 --data-dir ../shared/data --num-fewshot 5
   hippo eval --model M --tasks my_task.yaml --data my_task=quiz.csv    # a task YAML of your own
   hippo eval --list-tasks
+  hippo eval --sweep --tasks medqa --data-dir ../shared/data --limit 50 --output runs/sweep   # prompts x chat x shots
   hippo eval --tasks medqa --data-dir ../shared/data --export-lm-eval lm_eval_tasks/   # same protocol in lm-eval
 """
 
@@ -72,6 +74,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--export-lm-eval", metavar="DIR", help="write lm-eval task YAMLs for this protocol and exit"
     )
+    sweep = parser.add_argument_group(
+        "prompting sweep", "--sweep evaluates every prompt x chat option x shot count into one table"
+    )
+    sweep.add_argument("--sweep", action="store_true", help="run the sweep (needs --output)")
+    sweep.add_argument(
+        "--prompts", default=",".join(STRATEGIES), help=f"sweep prompts (default {','.join(STRATEGIES)})"
+    )
+    sweep.add_argument(
+        "--chat-options", default="off,on", help="sweep chat template settings: off, on or off,on"
+    )
+    sweep.add_argument("--shots", default="0,5", help="sweep shot counts (default 0,5)")
+
+
+def _sweep_axes(args: argparse.Namespace) -> tuple[list[str], list[bool], list[int]]:
+    """Parse --prompts/--chat-options/--shots into lists, with one-line errors."""
+    prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
+    bad = [p for p in prompts if p not in STRATEGIES]
+    if bad or not prompts:
+        raise HippoError(
+            f"--prompts: unknown prompt {bad[0] if bad else '(none)'!r} (choose from {', '.join(STRATEGIES)})"
+        )
+    flags = {"off": False, "on": True}
+    chats = [c.strip() for c in args.chat_options.split(",") if c.strip()]
+    if not chats or any(c not in flags for c in chats):
+        raise HippoError(f"--chat-options expects off, on or off,on, got '{args.chat_options}'")
+    try:
+        shots = [int(k) for k in args.shots.split(",") if k.strip()]
+    except ValueError:
+        raise HippoError(f"--shots expects comma-separated integers, got '{args.shots}'") from None
+    if not shots or any(k < 0 for k in shots):
+        raise HippoError(f"--shots expects integers >= 0, got '{args.shots}'")
+    return prompts, [flags[c] for c in chats], shots
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
             f"wrote {len(written)} files to {args.export_lm_eval}; run: see {args.export_lm_eval}/README.md"
         )
         return 0
+    if args.sweep:
+        return run_sweep_command(args, data, fewshot_data)
     from hippocrates.eval.runner import evaluate, format_table
 
     results = evaluate(
@@ -133,4 +169,35 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     if args.output:
         print(f"results: {args.output}/results.json")
+    return 0
+
+
+def run_sweep_command(args: argparse.Namespace, data: dict[str, str], fewshot_data: dict[str, str]) -> int:
+    """``hippo eval --sweep``: the prompting-strategies table (also read by ``hippo report``)."""
+    if not args.output:
+        raise HippoError("--sweep needs --output DIR (it writes DIR/sweep.{json,md,csv})")
+    prompts, chats, shots = _sweep_axes(args)
+    from hippocrates.report.sweep import run_sweep
+
+    result = run_sweep(
+        args.model,
+        [t.strip() for t in args.tasks.split(",") if t.strip()],
+        data or None,
+        prompts,
+        chats,
+        shots,
+        args.output,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        scorer=args.scorer,
+        data_dir=args.data_dir,
+        fewshot_data=fewshot_data,
+        task_dirs=args.task_dir,
+        seed=args.seed,
+        max_length=args.max_length,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(result, indent=2) if args.json else (Path(args.output) / "sweep.md").read_text())
+    print(f"sweep: {args.output}/sweep.json ({len(result['rows'])} combinations)")
     return 0

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hippocrates.errors import HippoError
-from hippocrates.eval.loaders import LETTERS, Item, TaskData
+from hippocrates.eval.formats import LETTERS, Item
+from hippocrates.eval.loaders import TaskData
 from hippocrates.eval.registry import TaskSpec
 
 STRATEGIES = ("hippocrates", "letter", "cot")

@@ -27,6 +27,13 @@ from hippocrates.progress import status
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
+def _device() -> str:
+    """The first GPU when there is one (scoring is all forward passes), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _task_names(tasks: str | Iterable[str]) -> list[str]:
     if isinstance(tasks, str):
         return [t for t in tasks.split(",") if t.strip()]
@@ -114,7 +121,9 @@ def evaluate(
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(str(model))
     status(f"loading {resolved.spec} ({precision})")
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-    lm = load_model(resolved, precision=precision, trust_remote_code=trust_remote_code).eval()
+    lm = load_model(
+        resolved, precision=precision, trust_remote_code=trust_remote_code, device=_device()
+    ).eval()
     window = max_length or model_max_length(lm, tokenizer)
     encoder = LmEvalTokenizer(tokenizer)
     results: dict[str, Any] = {

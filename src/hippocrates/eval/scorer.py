@@ -107,9 +107,11 @@ def _log_probs(model: Any, ids, mask4d, positions, keep) -> Any:
     """Log-softmax (fp32) over the vocabulary at the ``keep`` positions, flattened row-major."""
     import torch
 
-    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    device = next(model.parameters()).device
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": False}
     if mask4d is not None:
-        kwargs.update(attention_mask=mask4d, position_ids=positions)
+        kwargs.update(attention_mask=mask4d.to(device), position_ids=positions.to(device))
+    keep = keep.to(device)
     with torch.inference_mode():
         if _keeps_by_mask(type(model)):
             logits = model(**kwargs, logits_to_keep=keep).logits
@@ -145,7 +147,9 @@ def score_naive(
         for i in batch:
             cont = pairs[i][1]
             rows_lp = logprobs[offset : offset + len(cont)]
-            results[i] = float(rows_lp.gather(1, torch.tensor(cont).unsqueeze(1)).sum())
+            results[i] = float(
+                rows_lp.gather(1, torch.tensor(cont, device=logprobs.device).unsqueeze(1)).sum()
+            )
             offset += len(cont)
     return results
 
@@ -212,7 +216,7 @@ def score_fast(model: Any, encoded: list[Encoded], *, max_length: int, batch_siz
             lls = []
             for rows, cont in zip(predictors, encoded[i].continuations, strict=True):
                 lp = logprobs[flat_index[b, rows]]
-                lls.append(float(lp.gather(1, torch.tensor(cont).unsqueeze(1)).sum()))
+                lls.append(float(lp.gather(1, torch.tensor(cont, device=logprobs.device).unsqueeze(1)).sum()))
             results[i] = Scored(lls, False)
     if naive:
         pairs = [(encoded[i].context, c) for i in naive for c in encoded[i].continuations]

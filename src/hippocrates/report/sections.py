@@ -154,6 +154,11 @@ def _duration(seconds: Any) -> str | None:
     return f"{minutes}m {sec:02d}s" if minutes else f"{seconds:.1f}s"
 
 
+def _model_path(value: Any) -> Any:
+    """Manifests record the input model as a path or as {path, fingerprint}."""
+    return value.get("path") if isinstance(value, dict) else value
+
+
 def manifest_section(run: Path) -> Section:
     """Per stage: input model, seed, timings, token counts, data files with sha256 and versions."""
     s = Section("manifest", "Run manifest")
@@ -174,7 +179,7 @@ def manifest_section(run: Path) -> Section:
         }
         rows.append([
             stage,
-            short_path(pick(man, "model_path", "input_model", "base_model", "base", "model"), run),
+            short_path(_model_path(pick(man, "model_path", "input_model", "base_model", "base", "model")), run),
             pick(man, "seed") if pick(man, "seed") is not None else pick(config, "seed"),
             when(pick(man, "start", "started", "start_time", "started_at", "created")),
             when(pick(man, "end", "finished", "end_time", "finished_at")),

@@ -52,8 +52,12 @@ def run_sweep(
     batch_size: int = 8,
     precision: str = "fp32",
     evaluate: Callable[..., dict[str, Any]] | None = None,
+    **eval_kwargs: Any,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` for every prompt x chat option x shot count; write and return the sweep."""
+    """Evaluate ``model`` for every prompt x chat option x shot count; write and return the sweep.
+
+    ``eval_kwargs`` (data_dir, fewshot_data, seed, ...) pass through to every evaluation.
+    """
     for name, values in (
         ("tasks", tasks),
         ("prompts", prompts),
@@ -74,6 +78,7 @@ def run_sweep(
                 res = evaluate(
                     model, list(tasks), data=data, num_fewshot=k, prompt=prompt, chat_template=chat,
                     limit=limit, batch_size=batch_size, output_dir=where, precision=precision,
+                    **eval_kwargs,
                 )  # fmt: skip
                 per = res.get("tasks") or {}
                 acc = {t: (per.get(t) or {}).get("acc") for t in tasks}

@@ -32,7 +32,7 @@ def _stage(run: Path, stage: str, source: str, rng: np.random.Generator) -> None
     if stage != "annotate":
         write_json(d / "config.json", {"model_type": "llama", "note": "synthetic"})
     write_json(d / "manifest.json", {
-        "stage": stage, "model_path": source, "seed": 42, "git_commit": "0388910abcdef0123456789",
+        "stage": stage, "input_model": {"path": source, "fingerprint": "f" * 64}, "seed": 42, "git_commit": "0388910abcdef0123456789",
         "start": "2024-05-01T10:00:00+00:00", "end": "2024-05-01T10:04:10+00:00", "duration_s": 250.0,
         "config": {"name": "synthetic", "seed": 42}, "hardware": {"device": "cpu", "threads": 2},
         "data_files": [{"path": f"data/demo/{stage}/train.jsonl", "sha256": f"{stage}{'ab' * 30}"[:64]}],

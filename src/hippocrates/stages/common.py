@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hippocrates import __version__
+from hippocrates.accel import is_main_process, main_process_first, world_size
 from hippocrates.config import LoraConfig, Recipe, TrainConfig, recipe_to_dict
 from hippocrates.data.io import atomic_dir, read_json, write_json
 from hippocrates.errors import HippoError
@@ -153,6 +154,7 @@ class StageRun:
     callbacks: list[Any] = field(default_factory=list)
     started: str = field(default_factory=now)
     t0: float = field(default_factory=time.time)
+    cpu0: float = field(default_factory=time.process_time)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -178,7 +180,8 @@ def begin_stage(
 
     out_dir = Path(out_dir)
     check_owner(out_dir, recipe, overwrite)
-    model_fp = model_fingerprint(model_path)
+    with main_process_first(local=True):  # an alias or GGUF is converted into the node's cache once
+        model_fp = model_fingerprint(model_path)
     inputs_hash = compute_inputs_hash(stage, config, recipe, model_fp, data)
     run = StageRun(
         stage=stage,
@@ -193,27 +196,33 @@ def begin_stage(
         report_to=default_report_to() if report_to is None else report_to,
         callbacks=list(callbacks or []),
     )
-    work, stamp = run.work_dir, run.work_dir / "inputs.json"
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
-    if resume and last:
-        previous = read_json(stamp).get("inputs_hash") if stamp.is_file() else None
-        if previous != inputs_hash:
-            raise HippoError(
-                f"{work}: its checkpoints were made from different inputs (config, model or data changed); "
-                "rerun without --resume to start over"
-            )
-        run.resume_from = last
-        status(f"{stage}: resuming from {last}")
-    else:
-        if last:
-            status(
-                f"{stage}: discarding the checkpoints of an interrupted run in {work} (use --resume to continue)"
-            )
-        shutil.rmtree(work, ignore_errors=True)
-        if resume:
-            status(f"{stage}: nothing to resume in {work}; starting from the beginning")
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"inputs_hash": inputs_hash, "stage": stage, "recipe_name": recipe.name})
+    # Under a launcher the main process prepares the checkpoint folder while the others wait; they
+    # then find the same checkpoint to resume from (or none, after the main process cleared it).
+    main = is_main_process()
+    with main_process_first():
+        work, stamp = run.work_dir, run.work_dir / "inputs.json"
+        last = get_last_checkpoint(str(work)) if work.is_dir() else None
+        if resume and last:
+            previous = read_json(stamp).get("inputs_hash") if stamp.is_file() else None
+            if previous != inputs_hash:
+                raise HippoError(
+                    f"{work}: its checkpoints were made from different inputs (config, model or data changed); "
+                    "rerun without --resume to start over"
+                )
+            run.resume_from = last
+            if main:
+                status(f"{stage}: resuming from {last}")
+        elif main:
+            if last:
+                status(
+                    f"{stage}: discarding the checkpoints of an interrupted run in {work} (use --resume to continue)"
+                )
+            shutil.rmtree(work, ignore_errors=True)
+            if resume:
+                status(f"{stage}: nothing to resume in {work}; starting from the beginning")
+        if main:
+            work.mkdir(parents=True, exist_ok=True)
+            write_json(stamp, {"inputs_hash": inputs_hash, "stage": stage, "recipe_name": recipe.name})
     return run
 
 
@@ -344,6 +353,7 @@ def hardware() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "world_size": world_size(),  # processes that trained (accelerate / torchrun)
     }
     try:
         info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -380,14 +390,29 @@ def manifest_for(run: StageRun, finished: str, fingerprint: str) -> dict[str, An
 
 
 def finish_stage(run: StageRun, model, tokenizer, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write adapter, merged model, metrics, manifest and model card atomically; drop the checkpoints."""
+    """Write adapter, merged model, metrics, manifest and model card atomically; drop the checkpoints.
+
+    Under a launcher (accelerate, torchrun) only the main process writes, exactly once; every
+    other process waits at a barrier until the stage folder is complete, so no process returns
+    (or exits) before the outputs exist.
+    """
+    finished = now()
+    fingerprint = digest({"inputs_hash": run.inputs_hash, "finished": finished, "t": time.time()})
+    timing = {
+        "stage_wall_s": round(time.time() - run.t0, 1),
+        "stage_cpu_s": round(time.process_time() - run.cpu0, 1),
+    }
+    metrics = {"stage": run.stage, **metrics, **timing, "notes": run.notes}
+    with main_process_first():  # the others wait here until the main process has written
+        if is_main_process():
+            _write_stage(run, model, tokenizer, metrics, manifest_for(run, finished, fingerprint))
+    return metrics
+
+
+def _write_stage(run: StageRun, model, tokenizer, metrics: dict[str, Any], manifest: dict[str, Any]) -> None:
     from hippocrates.stages.card import model_card
     from hippocrates.stages.modeling import remove_masked_head
 
-    finished = now()
-    fingerprint = digest({"inputs_hash": run.inputs_hash, "finished": finished, "t": time.time()})
-    metrics = {"stage": run.stage, **metrics, "notes": run.notes}
-    manifest = manifest_for(run, finished, fingerprint)
     with atomic_dir(run.out_dir) as tmp:
         status(
             f"{run.stage}: saving adapter and merged model to {run.out_dir} ({time.time() - run.t0:.0f}s in)"
@@ -407,7 +432,6 @@ def finish_stage(run: StageRun, model, tokenizer, metrics: dict[str, Any]) -> di
         (tmp / "README.md").write_text(model_card(run, metrics), encoding="utf-8")
     shutil.rmtree(run.work_dir, ignore_errors=True)
     status(f"{run.stage}: done in {time.time() - run.t0:.0f}s")
-    return metrics
 
 
 def train_summary(trainer, run: StageRun) -> dict[str, Any]:
@@ -448,10 +472,21 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
 
 
 def report_to_arg(value: str | None) -> list[str] | None:
+    """``--report-to a,b`` as the Trainer's list; a logger that is not installed is a usage error."""
+    import importlib.util
+
     if value is None:
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
-    return [] if names == ["none"] else names
+    if names == ["none"]:
+        return []
+    for name in names:
+        module = {"comet_ml": "comet_ml", "tensorboard": "tensorboard"}.get(name, name)
+        if name != "all" and importlib.util.find_spec(module) is None:
+            raise HippoError(
+                f"--report-to {name}: the '{module}' package is not installed (pip install {module})"
+            )
+    return names
 
 
 def default_input_model(recipe: Recipe, stage: str) -> str:
@@ -464,6 +499,8 @@ def default_input_model(recipe: Recipe, stage: str) -> str:
 
 
 def print_result(stage: str, out_dir: Path, metrics: dict[str, Any], keys: list[str]) -> None:
+    if not is_main_process():  # one summary per job, not one per process
+        return
     shown = ", ".join(
         f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}"
         for k in keys

@@ -16,20 +16,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hippocrates.config import Recipe, Source, load_recipe
 from hippocrates.data.sources import clean_text, describe, iter_records, text_of
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
 from hippocrates.stages import common
 from hippocrates.stages.mixture import interleave, sample_mixture
-from hippocrates.stages.modeling import (
-    MaskedLMTrainer,
-    PackedCollator,
-    install_masked_head,
-    mean_nll,
-)
 
 
 def iter_texts(source: Source, stats: Counter) -> Iterator[str]:
@@ -71,27 +63,17 @@ def as_row(ids: list[int]) -> dict[str, Any]:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-class StreamedBlocks(torch.utils.data.IterableDataset):
-    """Training blocks produced on the fly from streamed sources (nothing is held in memory)."""
-
-    def __init__(self, sources: list[Source], tokenizer, block: int, seed: int, stats: Counter):
-        self.sources, self.tokenizer, self.block, self.seed, self.stats = (
-            sources,
-            tokenizer,
-            block,
-            seed,
-            stats,
-        )
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        corpus = iter_corpus(self.sources, self.seed, self.stats)
-        for ids in iter_blocks(corpus, self.tokenizer, self.block):
-            self.stats["train_blocks"] += 1
-            self.stats["train_tokens"] += len(ids)
-            yield as_row(ids)
+def streamed_rows(sources: list[Source], tokenizer, block: int, seed: int, stats: Counter) -> Iterator[dict]:
+    """Training rows produced on the fly from streamed sources (nothing is held in memory)."""
+    for ids in iter_blocks(iter_corpus(sources, seed, stats), tokenizer, block):
+        stats["train_blocks"] += 1
+        stats["train_tokens"] += len(ids)
+        yield as_row(ids)
 
 
 def perplexity(model, rows: list[dict[str, Any]], collator, batch_size: int, precision: str) -> float | None:
+    from hippocrates.stages.modeling import mean_nll
+
     if not rows:
         return None
     nll, _ = mean_nll(model, rows, collator, batch_size, precision)
@@ -143,10 +125,19 @@ def run_cpt(
         report_to=report_to,
         callbacks=callbacks,
     )
+    from hippocrates.stages.modeling import (
+        GeneratorDataset,
+        MaskedLMTrainer,
+        PackedCollator,
+        install_masked_head,
+    )
+
     model, tokenizer = common.load_for_training(run)
     block = cfg.train.max_seq_len
     if texts is None:
-        train_data: Any = StreamedBlocks(cfg.data, tokenizer, block, recipe.seed, stats)
+        train_data: Any = GeneratorDataset(
+            lambda: streamed_rows(cfg.data, tokenizer, block, recipe.seed, stats)
+        )
     else:
         train_data = [as_row(ids) for ids in iter_blocks(iter(texts), tokenizer, block)]
         stats["train_blocks"] = len(train_data)

@@ -12,10 +12,9 @@ attend to each other and each one sees exactly the positions it would see alone.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-IGNORE = -100
+from hippocrates.stages.packing import IGNORE, count_tokens, make_rows, pack_bfd  # noqa: F401 (re-exported)
 
 
 def install_masked_head(model: torch.nn.Module) -> None:
@@ -59,45 +58,6 @@ def install_masked_head(model: torch.nn.Module) -> None:
 def remove_masked_head(model: torch.nn.Module) -> None:
     """Undo :func:`install_masked_head` (before saving or handing the model on)."""
     vars(model).pop("forward", None)
-
-
-def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing bin packing of sample indices into rows of at most ``capacity`` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (remaining capacity, bin index), kept sorted
-    for i in order:
-        slot = bisect.bisect_left(free, (lengths[i], -1))
-        if slot < len(free):
-            room, b = free.pop(slot)
-            bins[b].append(i)
-            room -= lengths[i]
-        else:
-            bins.append([i])
-            b, room = len(bins) - 1, capacity - lengths[i]
-        if room > 0:
-            bisect.insort(free, (room, b))
-    return bins
-
-
-def make_rows(samples: Sequence[dict[str, list[int]]], capacity: int, packing: bool) -> list[dict[str, Any]]:
-    """Training rows: packed samples (with their lengths) or one sample per row."""
-    groups = (
-        pack_bfd([len(s["input_ids"]) for s in samples], capacity)
-        if packing
-        else [[i] for i in range(len(samples))]
-    )
-    rows = []
-    for group in groups:
-        parts = [samples[i] for i in group]
-        rows.append(
-            {
-                "input_ids": [t for p in parts for t in p["input_ids"]],
-                "labels": [t for p in parts for t in p["labels"]],
-                "seq_lengths": [len(p["input_ids"]) for p in parts],
-            }
-        )
-    return rows
 
 
 @dataclass
@@ -163,7 +123,16 @@ def mean_nll(
 
 
 class MaskedLMTrainer(Trainer):
-    """A transformers Trainer whose loss is the masked-head NLL (see :func:`install_masked_head`)."""
+    """A transformers Trainer whose loss is the masked-head NLL (see :func:`install_masked_head`).
+
+    The training loss of an optimizer step is the summed NLL of its supervised tokens divided by
+    their count over the whole step: every micro-batch of the gradient accumulation and, under
+    DDP, every process (``average_tokens_across_devices``, on by default, has the Trainer gather
+    that count). DDP averages gradients over the processes, so each process scales its share by
+    the number of processes, as the stock ``Trainer.compute_loss`` does. The loss and gradients are
+    then exactly those of one process running the global batch, however unevenly the supervised
+    tokens fall on the ranks.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -175,9 +144,20 @@ class MaskedLMTrainer(Trainer):
         tokens = out["tokens"]
         if model.training:
             self.supervised_tokens += int(tokens)
-        denom = num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1)
-        loss = out["nll"] / denom
+        if num_items_in_batch is None:
+            loss = out["nll"] / tokens.clamp(min=1)
+        else:
+            loss = out["nll"] / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, out) if return_outputs else loss
+
+    def train(self, *args: Any, **kwargs: Any):
+        output = super().train(*args, **kwargs)
+        if self.args.world_size > 1:  # supervised tokens seen by all processes, for throughput
+            count = torch.tensor(self.supervised_tokens, device=self.args.device)
+            self.supervised_tokens = int(self.accelerator.reduce(count, reduction="sum"))
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -186,10 +166,11 @@ class MaskedLMTrainer(Trainer):
         return loss.detach(), None, None
 
 
-def count_tokens(rows: Iterable[dict[str, Any]]) -> tuple[int, int]:
-    """(all tokens, supervised tokens) in rows, for throughput and metrics."""
-    total = supervised = 0
-    for row in rows:
-        total += len(row["input_ids"])
-        supervised += sum(1 for t in row["labels"][1:] if t != IGNORE)
-    return total, supervised
+class GeneratorDataset(torch.utils.data.IterableDataset):
+    """An iterable dataset over a fresh generator per epoch (streamed CPT blocks: nothing is held)."""
+
+    def __init__(self, make: Callable[[], Iterator[dict[str, Any]]]):
+        self.make = make
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.make()

@@ -22,15 +22,7 @@ from hippocrates.errors import HippoError
 from hippocrates.progress import status
 from hippocrates.stages import common
 from hippocrates.stages.mixture import sample_mixture
-from hippocrates.stages.modeling import (
-    IGNORE,
-    MaskedLMTrainer,
-    PackedCollator,
-    count_tokens,
-    install_masked_head,
-    make_rows,
-    mean_nll,
-)
+from hippocrates.stages.packing import IGNORE, count_tokens, make_rows
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -197,6 +189,8 @@ def run_sft(
         report_to=report_to,
         callbacks=callbacks,
     )
+    from hippocrates.stages.modeling import MaskedLMTrainer, PackedCollator, install_masked_head, mean_nll
+
     model, tokenizer = common.load_for_training(run)
     fmt = choose_template(tokenizer, cfg.template)
     rows, eval_rows, train_stats, eval_stats = build_datasets(recipe, tokenizer, fmt, mixture, held_out)

@@ -47,7 +47,9 @@ def test_full_run_report_is_self_contained_and_complete(full_report) -> None:
     ):
         assert text in md
     manifest_rows = [line for line in md.splitlines() if line.startswith("| sft | ")]
-    assert "fingerprint" not in manifest_rows[0] and "| RUN/cpt |" in manifest_rows[0]  # the input model's path
+    assert (
+        "fingerprint" not in manifest_rows[0] and "| RUN/cpt |" in manifest_rows[0]
+    )  # the input model's path
     assert "Prompting strategies: accuracy (%)" in md and "| letter | no | 0 |" in md
 
 

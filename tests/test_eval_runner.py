@@ -95,6 +95,11 @@ def test_cli_prints_table_and_counts_skipped_and_truncated(tiny_llama_dir, tmp_p
         ),
         (["--tasks", "medqa", "--data", "pubmedqa=x"], "names task 'pubmedqa', which is not in --tasks"),
         (["--tasks", "medqa", "--data", "medqa"], "expects TASK=PATH"),
+        (["--sweep", "--tasks", "medqa"], "--sweep needs --output DIR"),
+        (["--sweep", "--output", "x", "--prompts", "hippocrates,fancy"], "unknown prompt 'fancy'"),
+        (["--sweep", "--output", "x", "--chat-options", "maybe"], "--chat-options expects off, on"),
+        (["--sweep", "--output", "x", "--shots", "0,-1"], "--shots expects integers >= 0"),
+        (["--sweep", "--output", "x", "--shots", "zero"], "--shots expects comma-separated integers"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message, capsys):
@@ -133,3 +138,29 @@ def test_cli_export_lm_eval(tiny_llama_dir, tmp_path, capsys):
     assert "fewshot_split: test" in (out / "hippo_usmle_step1.yaml").read_text()  # pool = the other items
     readme = (out / "README.md").read_text()
     assert "--apply_chat_template" in readme and "--tasks hippo_medqa,hippo_usmle_step1" in readme
+
+
+def test_cli_sweep_writes_one_row_per_combination(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["eval", "--sweep", "--model", str(tiny_llama_dir), "--tasks", "medqa,usmle_step1",
+                 "--data-dir", str(DEMO), "--limit", "3", "--prompts", "hippocrates,letter",
+                 "--chat-options", "off", "--shots", "0,1", "--output", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err[-2000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    combos = [(r["prompt"], r["chat_template"], r["num_fewshot"]) for r in sweep["rows"]]
+    assert combos == [
+        ("hippocrates", False, 0),
+        ("hippocrates", False, 1),
+        ("letter", False, 0),
+        ("letter", False, 1),
+    ]
+    for row in sweep["rows"]:
+        results = json.loads(Path(row["results"]).read_text())
+        assert (results["prompt"], results["num_fewshot"]) == (row["prompt"], row["num_fewshot"])
+        assert row["acc"]["medqa"] == results["tasks"]["medqa"]["acc"] and row["n"]["usmle_step1"] == 3
+    letter_prompt = json.loads(
+        (out / "letter-plain" / "1shot" / "samples_medqa.jsonl").read_text().splitlines()[0]
+    )
+    assert "\nA. " in letter_prompt["prompt"]
+    printed = capsys.readouterr().out
+    assert "| letter | no | 1 |" in printed and "(4 combinations)" in printed

@@ -189,6 +189,7 @@ def test_pipeline_runs_the_analyses_before_the_report(tmp_path, tiny_llama_dir, 
     assert call["data"] == {"medqa": str(medqa)} and call["limit"] == 7
     assert "best letter-plain 0-shot 0.500" in first["_stdout"]
     assert "## Prompting strategies" in (tmp_path / "out" / "report" / "report.md").read_text()
+    assert f"report: {tmp_path / 'out' / 'report' / 'report.html'} (open it" in first["_stdout"]
 
     second = run_pipeline(capsys, recipe)
     assert second["sweep"] == "skipped: unchanged" and len(calls["sweep"]) == 1

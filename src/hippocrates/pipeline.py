@@ -381,7 +381,7 @@ def print_summary(rows: list[Row], recipe: Recipe, file=None) -> None:
     )
     report = next((r.output for r in rows if r.stage == "report" and r.output), None)
     if report:
-        print(f"  report: {report}", file=file)
+        print(f"  report: {Path(report).resolve()} (open it in a browser; report.md beside it)", file=file)
 
 
 def dry_run(recipe: Recipe, args: argparse.Namespace) -> int:

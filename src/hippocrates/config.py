@@ -8,10 +8,17 @@ fail with one line that names the file, the line, the key path and the valid cho
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from hippocrates.errors import HippoError
 
@@ -148,24 +155,27 @@ class DPOConfig(Strict):
     train: TrainConfig = TrainConfig(learning_rate=5e-5, gradient_checkpointing=True)
 
 
+def _non_negative_shots(shots: list[int]) -> list[int]:
+    if any(k < 0 for k in shots):
+        raise ValueError("shots must be >= 0")
+    return shots
+
+
+Shots = Annotated[list[int], AfterValidator(_non_negative_shots)]
+PromptName = Literal["hippocrates", "letter", "cot"]
+
+
 class EvalConfig(Strict):
     """Evaluation protocol: tasks, local files, shots and prompt strategy."""
 
     enabled: bool = True
     tasks: list[str] = Field(default_factory=lambda: ["medqa", "medmcqa", "pubmedqa"])
     data: dict[str, str] = Field(default_factory=dict, description="task -> local file")
-    num_fewshot: list[int] = Field(default_factory=lambda: [0])
-    prompt: Literal["hippocrates", "letter", "cot"] = "hippocrates"
+    num_fewshot: Shots = Field(default_factory=lambda: [0])
+    prompt: PromptName = "hippocrates"
     chat_template: bool = False
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
-
-    @field_validator("num_fewshot")
-    @classmethod
-    def _non_negative(cls, shots: list[int]) -> list[int]:
-        if any(k < 0 for k in shots):
-            raise ValueError("shots must be >= 0")
-        return shots
 
 
 class AblationConfig(Strict):
@@ -181,19 +191,10 @@ class SweepConfig(Strict):
 
     enabled: bool = False
     tasks: list[str] | None = Field(None, description="default: eval.tasks")
-    prompts: list[Literal["hippocrates", "letter", "cot"]] = Field(
-        default_factory=lambda: ["hippocrates", "letter", "cot"], min_length=1
-    )
+    prompts: list[PromptName] = Field(default_factory=lambda: ["hippocrates", "letter", "cot"], min_length=1)
     chat_template: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
-    num_fewshot: list[int] = Field(default_factory=lambda: [0, 5], min_length=1)
+    num_fewshot: Shots = Field(default_factory=lambda: [0, 5], min_length=1)
     limit: int | None = Field(None, gt=0, description="first N items per task (default eval.limit)")
-
-    @field_validator("num_fewshot")
-    @classmethod
-    def _non_negative(cls, shots: list[int]) -> list[int]:
-        if any(k < 0 for k in shots):
-            raise ValueError("shots must be >= 0")
-        return shots
 
 
 class AnalysesConfig(Strict):

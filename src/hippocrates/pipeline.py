@@ -216,10 +216,7 @@ class Pipeline:
         from hippocrates.stages.common import compute_inputs_hash, model_fingerprint, resolve_precision
 
         cfg = self.recipe.eval
-        data = [
-            {"task": t, "sha256": sha256_file(p) if Path(p).is_file() else p}
-            for t, p in sorted(cfg.data.items())
-        ]
+        data = _file_identities(cfg.data)
         ran, details = 0, []
         for shots in cfg.num_fewshot:
             out_dir = self.out / "eval" / f"{shots}shot"
@@ -270,17 +267,14 @@ class Pipeline:
         cfg, ev = self.recipe.analyses.sweep, self.recipe.eval
         tasks = cfg.tasks or ev.tasks
         out_dir = self.out / "sweep"
-        data = [
-            {"task": t, "sha256": sha256_file(p) if Path(p).is_file() else p}
-            for t, p in sorted(ev.data.items())
-            if t in tasks
-        ]
+        files = {t: p for t, p in ev.data.items() if t in tasks}
+        data = _file_identities(files)
         config = {**cfg.model_dump(mode="json"), "tasks": tasks, "eval_limit": ev.limit}
         inputs_hash = compute_inputs_hash("sweep", config, self.recipe, model_fingerprint(self.model), data)
         state = "skipped: unchanged"
         if "sweep" in self.forced or not self.stamp_current("sweep", inputs_hash, [out_dir / "sweep.json"]):
             entry(
-                self.model, tasks, {t: p for t, p in ev.data.items() if t in tasks} or None, cfg.prompts, cfg.chat_template, cfg.num_fewshot, out_dir,
+                self.model, tasks, files or None, cfg.prompts, cfg.chat_template, cfg.num_fewshot, out_dir,
                 limit=cfg.limit or ev.limit, batch_size=ev.batch_size,
                 precision=resolve_precision(self.recipe.precision),
             )  # fmt: skip
@@ -335,6 +329,13 @@ class Pipeline:
             row.seconds = time.time() - t0
             self.rows.append(row)
         return self.rows
+
+
+def _file_identities(files: dict[str, str]) -> list[dict[str, str]]:
+    """Each task's data file by sha256 (or by name when it is a hub id), for the inputs hash."""
+    return [
+        {"task": t, "sha256": sha256_file(p) if Path(p).is_file() else p} for t, p in sorted(files.items())
+    ]
 
 
 def _headline(stage: str, metrics: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from hippocrates.errors import HippoError
 from hippocrates.eval.prompts import DEFAULT_SEED, STRATEGIES
@@ -108,6 +109,22 @@ def _sweep_axes(args: argparse.Namespace) -> tuple[list[str], list[bool], list[i
     return prompts, [flags[c] for c in chats], shots
 
 
+def _eval_options(args: argparse.Namespace, fewshot_data: dict[str, str]) -> dict[str, Any]:
+    """The evaluate() options shared by a single evaluation and every combination of a sweep."""
+    return {
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "scorer": args.scorer,
+        "data_dir": args.data_dir,
+        "fewshot_data": fewshot_data,
+        "task_dirs": args.task_dir,
+        "seed": args.seed,
+        "max_length": args.max_length,
+        "trust_remote_code": args.trust_remote_code,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from hippocrates.eval.registry import task_table
 
@@ -154,17 +171,8 @@ def run(args: argparse.Namespace) -> int:
         num_fewshot=args.num_fewshot,
         prompt=args.prompt,
         chat_template=args.chat_template,
-        limit=args.limit,
-        batch_size=args.batch_size,
         output_dir=args.output,
-        precision=args.precision,
-        scorer=args.scorer,
-        data_dir=args.data_dir,
-        fewshot_data=fewshot_data,
-        task_dirs=args.task_dir,
-        seed=args.seed,
-        max_length=args.max_length,
-        trust_remote_code=args.trust_remote_code,
+        **_eval_options(args, fewshot_data),
     )
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     if args.output:
@@ -187,16 +195,7 @@ def run_sweep_command(args: argparse.Namespace, data: dict[str, str], fewshot_da
         chats,
         shots,
         args.output,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        scorer=args.scorer,
-        data_dir=args.data_dir,
-        fewshot_data=fewshot_data,
-        task_dirs=args.task_dir,
-        seed=args.seed,
-        max_length=args.max_length,
-        trust_remote_code=args.trust_remote_code,
+        **_eval_options(args, fewshot_data),
     )
     print(json.dumps(result, indent=2) if args.json else (Path(args.output) / "sweep.md").read_text())
     print(f"sweep: {args.output}/sweep.json ({len(result['rows'])} combinations)")

@@ -507,3 +507,30 @@ def print_result(stage: str, out_dir: Path, metrics: dict[str, Any], keys: list[
     )
     print(f"{stage}: {shown}")
     print(f"{stage}: model, adapter/, metrics.json, manifest.json, README.md in {out_dir}")
+
+
+def source_inputs(cfg: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A stage's resolved config and the identities of its training and eval sources (inputs hash)."""
+    from hippocrates.data.sources import describe
+
+    data = [describe(s) for s in cfg.data] + [{**describe(s), "role": "eval"} for s in cfg.eval_data]
+    return cfg.model_dump(mode="json"), data
+
+
+def run_stage_command(args: argparse.Namespace, stage: str, train: Any, keys: list[str]) -> int:
+    """``hippo cpt|sft|dpo RECIPE``: train one stage from the recipe and print its headline metrics."""
+    from hippocrates.config import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    model = args.model or default_input_model(recipe, stage)
+    out = Path(args.output) if args.output else stage_dir(recipe, stage)
+    metrics = train(
+        recipe,
+        model,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        report_to=report_to_arg(args.report_to),
+    )
+    print_result(stage, out, metrics, keys)
+    return 0

@@ -16,8 +16,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from hippocrates.config import Recipe, Source, load_recipe
-from hippocrates.data.sources import clean_text, describe, iter_records, text_of
+from hippocrates.config import Recipe, Source
+from hippocrates.data.sources import clean_text, iter_records, text_of
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
 from hippocrates.stages import common
@@ -82,9 +82,7 @@ def perplexity(model, rows: list[dict[str, Any]], collator, batch_size: int, pre
 
 def stage_inputs(recipe: Recipe, out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The resolved config and data identities that make up this stage's inputs hash."""
-    cfg = recipe.stages.cpt
-    data = [describe(s) for s in cfg.data] + [{**describe(s), "role": "eval"} for s in cfg.eval_data]
-    return cfg.model_dump(mode="json"), data
+    return common.source_inputs(recipe.stages.cpt)
 
 
 def run_cpt(
@@ -195,18 +193,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
-    model = args.model or common.default_input_model(recipe, "cpt")
-    out = Path(args.output) if args.output else common.stage_dir(recipe, "cpt")
-    metrics = run_cpt(
-        recipe,
-        model,
-        out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        report_to=common.report_to_arg(args.report_to),
+    return common.run_stage_command(
+        args, "cpt", run_cpt, ["eval_perplexity_before", "eval_perplexity_after", "train_loss"]
     )
-    common.print_result(
-        "cpt", out, metrics, ["eval_perplexity_before", "eval_perplexity_after", "train_loss"]
-    )
-    return 0

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hippocrates.config import Recipe, Source, load_recipe
+from hippocrates.config import Recipe, Source
 from hippocrates.data.sources import describe, iter_records
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
@@ -250,21 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
-    model = args.model or common.default_input_model(recipe, "dpo")
-    out = Path(args.output) if args.output else common.stage_dir(recipe, "dpo")
-    metrics = run_dpo(
-        recipe,
-        model,
-        out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        report_to=common.report_to_arg(args.report_to),
-    )
-    common.print_result(
+    return common.run_stage_command(
+        args,
         "dpo",
-        out,
-        metrics,
+        run_dpo,
         ["eval_reward_accuracy_before", "eval_reward_accuracy_after", "eval_reward_margin"],
     )
-    return 0

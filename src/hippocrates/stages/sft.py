@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hippocrates.config import Recipe, Source, load_recipe
-from hippocrates.data.sources import describe, is_local, iter_records, to_instruction
+from hippocrates.config import Recipe, Source
+from hippocrates.data.sources import is_local, iter_records, to_instruction
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
 from hippocrates.stages import common
@@ -156,9 +156,7 @@ def build_datasets(
 
 def stage_inputs(recipe: Recipe, out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The resolved config and data identities that make up this stage's inputs hash."""
-    cfg = recipe.stages.sft
-    data = [describe(s) for s in cfg.data] + [{**describe(s), "role": "eval"} for s in cfg.eval_data]
-    return cfg.model_dump(mode="json"), data
+    return common.source_inputs(recipe.stages.sft)
 
 
 def run_sft(
@@ -253,18 +251,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
-    model = args.model or common.default_input_model(recipe, "sft")
-    out = Path(args.output) if args.output else common.stage_dir(recipe, "sft")
-    metrics = run_sft(
-        recipe,
-        model,
-        out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        report_to=common.report_to_arg(args.report_to),
+    return common.run_stage_command(
+        args, "sft", run_sft, ["eval_loss_before", "eval_loss_after", "truncated", "train_loss"]
     )
-    common.print_result(
-        "sft", out, metrics, ["eval_loss_before", "eval_loss_after", "truncated", "train_loss"]
-    )
-    return 0

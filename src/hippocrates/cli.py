@@ -17,36 +17,22 @@ from collections.abc import Sequence
 from hippocrates import __version__
 from hippocrates.errors import EXIT_USAGE, HippoError
 
-# name -> (module providing add_arguments/run, or None while its issue is open; one-line help)
-COMMANDS: dict[str, tuple[str | None, str]] = {
+# name -> (module providing add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": (
         "hippocrates.pipeline",
-        "run every enabled stage of a recipe in order (CPT -> SFT -> annotate -> DPO -> eval)",
+        "run every enabled stage of a recipe in order (CPT -> SFT -> annotate -> DPO -> eval -> analyses -> report)",
     ),
     "cpt": ("hippocrates.stages.cpt", "continued pre-training on medical text, with LoRA"),
     "sft": ("hippocrates.stages.sft", "medical instruction tuning on a weighted mixture, with LoRA"),
-    "annotate": (
-        "hippocrates.rlaif.annotate",
-        "RLAIF: sample answers and let an AI judge pick the better one",
-    ),
+    "annotate": ("hippocrates.rlaif.annotate", "RLAIF: sample answers and let an AI judge pick the better one"),
     "dpo": ("hippocrates.stages.dpo", "direct preference optimisation on judged pairs, with LoRA"),
     "eval": ("hippocrates.eval.cli", "evaluate on MedQA, MedMCQA, PubMedQA, USMLE (log-likelihood scoring)"),
-    "ablate": ("hippocrates.ablate", "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO"),
+    "ablate": ("hippocrates.analyses.ablation", "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO"),
     "report": ("hippocrates.report.cli", "write the HTML + Markdown report of a run directory"),
     "serve": ("hippocrates.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "data": ("hippocrates.data.check", "inspect data: token counts, duplicates and benchmark contamination"),
     "models": ("hippocrates.models", "list model aliases and show where a model spec resolves"),
-}
-ISSUES = {
-    "cpt": 3,
-    "sft": 3,
-    "dpo": 3,
-    "data": 3,
-    "eval": 4,
-    "annotate": 5,
-    "serve": 5,
-    "ablate": 6,
-    "report": 6,
 }
 
 EPILOG = """examples:
@@ -72,11 +58,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == only and module is not None:
+        if name == only:
             importlib.import_module(module).add_arguments(p)
-        elif module is None:
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.description = f"{help_text}\n\nNot available yet (tracked in issue #{ISSUES.get(name, '?')})."
     return parser
 
 
@@ -89,23 +72,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     module, _ = COMMANDS[args.command]
-    if module is None:
-        print(
-            f"hippo {args.command}: not available yet (tracked in issue #{ISSUES.get(args.command, '?')})",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     try:
         return int(importlib.import_module(module).run(args) or 0)
     except HippoError as exc:
         print(f"hippo {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full or read-only disk, a missing permission, a path through a file
+        if isinstance(exc, BrokenPipeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        from hippocrates.data.io import os_error
+
+        print(f"hippo {args.command}: error: {os_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"hippo {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
@@ -32,7 +34,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class LoraConfig(Strict):
+class LoRASettings(Strict):
     """LoRA adapter settings (PEFT). ``all-linear`` targets every attention and MLP projection."""
 
     r: int = Field(16, gt=0, le=1024)
@@ -41,7 +43,7 @@ class LoraConfig(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class TrainConfig(Strict):
+class TrainSettings(Strict):
     """Optimisation settings shared by CPT, SFT and DPO (handed to the HF/TRL trainers)."""
 
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
@@ -72,29 +74,32 @@ class Source(Strict):
     streaming: bool = False
 
 
-class CPTConfig(Strict):
+class CPTStage(Strict):
     """Continued pre-training on medical text with LoRA; documents packed into max_seq_len blocks."""
 
     enabled: bool = True
     data: list[Source] = Field(default_factory=list)
     eval_data: list[Source] = Field(default_factory=list)
-    lora: LoraConfig = LoraConfig()
-    train: TrainConfig = TrainConfig()
+    lora: LoRASettings = LoRASettings()
+    train: TrainSettings = TrainSettings()
 
 
-class SFTConfig(Strict):
+class SFTStage(Strict):
     """Instruction tuning on a weighted mixture; loss on response tokens only."""
 
     enabled: bool = True
     data: list[Source] = Field(default_factory=list)
     eval_data: list[Source] = Field(default_factory=list)
     template: Literal["auto", "chat", "alpaca"] = "auto"
+    assistant_turns: Literal["all", "last"] = Field(
+        "all", description="multi-turn conversations: loss on every assistant turn, or the last only"
+    )
     packing: bool = True
-    lora: LoraConfig = LoraConfig()
-    train: TrainConfig = TrainConfig()
+    lora: LoRASettings = LoRASettings()
+    train: TrainSettings = TrainSettings()
 
 
-class JudgeConfig(Strict):
+class JudgeSettings(Strict):
     """The AI judge of RLAIF: a local HF model or an OpenAI-compatible HTTP endpoint."""
 
     backend: Literal["local", "http"] = "local"
@@ -122,13 +127,13 @@ class JudgeConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _http_needs_url(self) -> JudgeConfig:
+    def _http_needs_url(self) -> JudgeSettings:
         if self.backend == "http" and not self.base_url:
             raise ValueError("backend 'http' needs base_url")
         return self
 
 
-class AnnotateConfig(Strict):
+class AnnotateStage(Strict):
     """RLAIF: sample candidate answers from the SFT model and let the judge pick the better one."""
 
     enabled: bool = True
@@ -140,10 +145,10 @@ class AnnotateConfig(Strict):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(8, gt=0, description="prompts per generate call; items per local-judge forward")
-    judge: JudgeConfig = JudgeConfig()
+    judge: JudgeSettings = JudgeSettings()
 
 
-class DPOConfig(Strict):
+class DPOStage(Strict):
     """Direct preference optimisation with LoRA; the reference is the base with the adapter disabled."""
 
     enabled: bool = True
@@ -151,8 +156,8 @@ class DPOConfig(Strict):
     beta: float = Field(0.1, gt=0.0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    lora: LoraConfig = LoraConfig()
-    train: TrainConfig = TrainConfig(learning_rate=5e-5, gradient_checkpointing=True)
+    lora: LoRASettings = LoRASettings()
+    train: TrainSettings = TrainSettings(learning_rate=5e-5, gradient_checkpointing=True)
 
 
 def _non_negative_shots(shots: list[int]) -> list[int]:
@@ -162,10 +167,29 @@ def _non_negative_shots(shots: list[int]) -> list[int]:
 
 
 Shots = Annotated[list[int], AfterValidator(_non_negative_shots)]
-PromptName = Literal["hippocrates", "letter", "cot"]
+RENAMED_PROMPTS = {"cot": "stepwise"}  # old name -> new name (old recipes keep working)
+_told: set[str] = set()
 
 
-class EvalConfig(Strict):
+def renamed_prompt(value: Any) -> Any:
+    """Map a prompt's old name to its new one, saying so once per process."""
+    if isinstance(value, str) and value in RENAMED_PROMPTS:
+        new = RENAMED_PROMPTS[value]
+        if value not in _told:
+            _told.add(value)
+            from hippocrates.progress import status
+
+            status(f"prompt '{value}' is now called '{new}' (it adds a step-by-step instruction and is still "
+                   "scored by log-likelihood); please update your recipe or command")  # fmt: skip
+        return new
+    return value
+
+
+PromptName = Annotated[Literal["hippocrates", "letter", "stepwise"], BeforeValidator(renamed_prompt)]
+Protocol = Literal["v0.4", "v0.3"]
+
+
+class EvalSettings(Strict):
     """Evaluation protocol: tasks, local files, shots and prompt strategy."""
 
     enabled: bool = True
@@ -174,11 +198,15 @@ class EvalConfig(Strict):
     num_fewshot: Shots = Field(default_factory=lambda: [0])
     prompt: PromptName = "hippocrates"
     chat_template: bool = False
+    protocol: Protocol = Field(
+        "v0.4",
+        description="v0.4: lm-eval 0.4's prompt assembly and encoding; v0.3: the paper's harness exactly",
+    )
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
 
 
-class AblationConfig(Strict):
+class AblationSettings(Strict):
     """The stage ablation (``hippo ablate``), run by ``hippo pipeline`` after eval when enabled."""
 
     enabled: bool = False
@@ -186,29 +214,31 @@ class AblationConfig(Strict):
     limit: int | None = Field(None, gt=0, description="first N items per task (default eval.limit)")
 
 
-class SweepConfig(Strict):
+class SweepSettings(Strict):
     """The prompting-strategy sweep (``hippo eval --sweep``) on the pipeline's final model."""
 
     enabled: bool = False
     tasks: list[str] | None = Field(None, description="default: eval.tasks")
-    prompts: list[PromptName] = Field(default_factory=lambda: ["hippocrates", "letter", "cot"], min_length=1)
+    prompts: list[PromptName] = Field(
+        default_factory=lambda: ["hippocrates", "letter", "stepwise"], min_length=1
+    )
     chat_template: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
     num_fewshot: Shots = Field(default_factory=lambda: [0, 5], min_length=1)
     limit: int | None = Field(None, gt=0, description="first N items per task (default eval.limit)")
 
 
-class AnalysesConfig(Strict):
+class AnalysesSettings(Strict):
     """The paper's analyses that ``hippo pipeline`` runs before the report."""
 
-    ablation: AblationConfig = AblationConfig()
-    sweep: SweepConfig = SweepConfig()
+    ablation: AblationSettings = AblationSettings()
+    sweep: SweepSettings = SweepSettings()
 
 
-class StagesConfig(Strict):
-    cpt: CPTConfig = CPTConfig()
-    sft: SFTConfig = SFTConfig()
-    annotate: AnnotateConfig = AnnotateConfig()
-    dpo: DPOConfig = DPOConfig()
+class Stages(Strict):
+    cpt: CPTStage = CPTStage()
+    sft: SFTStage = SFTStage()
+    annotate: AnnotateStage = AnnotateStage()
+    dpo: DPOStage = DPOStage()
 
 
 class Recipe(Strict):
@@ -219,11 +249,24 @@ class Recipe(Strict):
     output_dir: str
     seed: int = 42
     precision: Precision = "auto"
+    merge_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype of merged stage models; auto: the input model's, or fp32 when that would "
+        "lose more than 1% of the adapter's weight update",
+    )
     trust_remote_code: bool = False
-    stages: StagesConfig = StagesConfig()
-    eval: EvalConfig = EvalConfig()
-    analyses: AnalysesConfig = AnalysesConfig()
+    stages: Stages = Stages()
+    eval: EvalSettings = EvalSettings()
+    analyses: AnalysesSettings = AnalysesSettings()
     source_path: str | None = Field(None, exclude=True)
+    _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        """``file:line: key`` for messages about a value of this recipe (e.g. ``stages.sft.data.0.path``)."""
+        parts = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+        line = next((self._lines[parts[:cut]] for cut in range(len(parts), 0, -1) if parts[:cut] in self._lines), None)
+        place = self.source_path or "recipe"
+        return f"{place}:{line}: {key}" if line else f"{place}: {key}"
 
     def enabled_stages(self) -> list[str]:
         """Stage names to run, in pipeline order."""
@@ -295,15 +338,37 @@ def format_validation_error(exc: ValidationError, path: str, text: str) -> str:
     return f"{where}: {key}: {_describe(first)}{more}"
 
 
-def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
-    """Validate recipe YAML text; raise HippoError with a one-line message on any problem."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML says keys are unique;
+    PyYAML would silently keep the last one)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first on line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, path: str) -> Any:
+    """A YAML document (recipes, task files); any syntax problem or repeated key is one line."""
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise HippoError(f"{path}{line}: invalid YAML: {problem}") from None
+
+
+def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
+    """Validate recipe YAML text; raise HippoError with a one-line message on any problem."""
+    raw = load_yaml(text, path)
     if not isinstance(raw, dict):
         raise HippoError(f"{path}: a recipe must be a YAML mapping of keys, got {type(raw).__name__}")
     try:
@@ -311,15 +376,18 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         raise HippoError(format_validation_error(exc, path, text)) from None
     recipe.source_path = path
+    recipe._lines = _key_lines(text)
     return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
+    from hippocrates.data.io import read_text
+
     p = Path(path)
     if not p.is_file():
         raise HippoError(f"{p}: recipe file not found")
-    return parse_recipe(p.read_text(encoding="utf-8"), str(p))
+    return parse_recipe(read_text(p), str(p))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -14,7 +14,10 @@ leaves a half-written cache entry.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hippocrates.data.io import sha256_file
+from hippocrates.data.io import sha256_file, write_json
 from hippocrates.errors import HippoError
 
 GGUF_MAGIC = b"GGUF"
@@ -133,25 +136,72 @@ def check_gguf(path: Path) -> None:
         raise HippoError(f"{path}: corrupt or truncated GGUF ({type(exc).__name__}: {exc})") from None
 
 
+def _gguf_digest(path: Path) -> str:
+    """The GGUF's sha256, remembered by (path, size, mtime) so it is hashed once, not on every call."""
+    index_path = cache_root() / "models" / "gguf_index.json"
+    st = path.stat()
+    key = str(path)
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get(key) if isinstance(index, dict) else None
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return str(entry["sha256"])
+    check_gguf(path)
+    digest = sha256_file(path)
+    index = index if isinstance(index, dict) else {}
+    index[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(index_path, index)
+    except HippoError:
+        pass  # a read-only cache still works, it just hashes again next time
+    return digest
+
+
 def convert_gguf_cached(path: Path) -> Path:
     """Return the cached safetensors directory for a GGUF file, converting it on first use."""
     path = path.resolve()
-    check_gguf(path)
-    digest = sha256_file(path)
+    if not path.is_file():
+        raise HippoError(f"{path}: no such model file")
+    digest = _gguf_digest(path)
     target = cache_root() / "models" / f"{path.stem}-{digest[:16]}"
     if (target / SOURCE_FILE).is_file():
+        _make_plain(target)
         return target
     convert_gguf(path, target, digest)
     return target
 
 
+def _make_plain(target: Path) -> None:
+    """Caches written by earlier versions kept the GGUF ``quantization_config``: drop it in place.
+
+    With it, ``from_pretrained`` attaches a GGUF quantizer to plain float weights, and lm-eval's
+    ``--model hf`` refuses the folder; without it the folder is an ordinary Hugging Face model.
+    """
+    config_path = target / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if "quantization_config" not in config:
+        return
+    del config["quantization_config"]
+    try:
+        write_json(config_path, config)
+    except HippoError:
+        pass
+
+
 def convert_gguf(path: Path, target: Path, digest: str) -> None:
-    """De-quantize a GGUF into an HF safetensors directory, atomically (temp dir + rename)."""
+    """De-quantize a GGUF into a plain HF safetensors directory, atomically (temp dir + rename)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hippocrates.progress import status
 
+    check_gguf(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -163,12 +213,17 @@ def convert_gguf(path: Path, target: Path, digest: str) -> None:
             )
         except Exception as exc:
             raise HippoError(f"{path}: could not load GGUF ({type(exc).__name__}: {exc})") from None
-        # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from config + weights.
-        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from config + weights,
+        # without the GGUF quantization settings (its layers are ordinary float Linear layers).
+        config = copy.deepcopy(gguf_model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config = gguf_model.generation_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _make_plain(tmp)
         source = {"gguf": str(path), "sha256": digest, "dtype": "float32"}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         try:
@@ -223,6 +278,34 @@ def torch_dtype(precision: str):
     if precision not in DTYPES:
         raise HippoError(f"unknown precision '{precision}' (choose from auto, {', '.join(DTYPES)})")
     return getattr(torch, DTYPES[precision])
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` is bf16 on a GPU and fp32 on CPU; fp16 needs a GPU."""
+    import torch
+
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise HippoError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return precision
+
+
+def stored_dtype(resolved: ResolvedModel) -> str:
+    """The floating dtype most of a local model's weights are stored in (fp32, bf16 or fp16)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    names = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+    counts: Counter = Counter()
+    for file in sorted(Path(resolved.path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():
+                kind = fh.get_slice(key).get_dtype()
+                if kind in names:
+                    counts[names[kind]] += 1
+    return counts.most_common(1)[0][0] if counts else "fp32"
 
 
 def load_model(
@@ -285,3 +368,20 @@ def run(args) -> int:
             )
         print(f"cache: {cache_root() / 'models'} (set HIPPO_CACHE to move it)")
     return 0
+
+
+@functools.cache
+def _forward_slices_logits(model_class: type) -> bool:
+    try:
+        return "slice_logits_to_keep" in inspect.getsource(model_class.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def keeps_logits_by_mask(model: Any) -> bool:
+    """Whether the model's forward takes a boolean ``logits_to_keep`` mask (transformers' helper).
+
+    Then the LM head, and whatever the architecture applies after it (softcapping, scaling),
+    runs only at the kept positions.
+    """
+    return _forward_slices_logits(type(model))

@@ -165,16 +165,15 @@ def parse_request(data: Any, state: State) -> ChatRequest:
 
 
 def render_chat(tokenizer: Any, messages: list[Message]) -> str:
-    """The chat template when the tokenizer has one, else a plain ``Role: text`` transcript."""
+    """The conversation as the model reads it (:mod:`hippocrates.chat`: its template, else Alpaca)."""
+    from hippocrates import chat
+    from hippocrates.errors import HippoError
+
     turns = [{"role": m.role, "content": m.text()} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja raises for e.g. unsupported role orders
-            raise ApiError(
-                400, f"messages do not fit the model's chat template: {exc}", param="messages"
-            ) from None
-    return "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns) + "Assistant:"
+    try:
+        return chat.render(tokenizer, turns, chat.choose_format(tokenizer, "auto"))
+    except HippoError as exc:
+        raise ApiError(400, f"messages: {exc}", param="messages") from None
 
 
 async def batch_worker(state: State, executor: ThreadPoolExecutor) -> None:
@@ -194,7 +193,7 @@ async def batch_worker(state: State, executor: ThreadPoolExecutor) -> None:
         state.counters["max_batch_seen"] = max(state.counters["max_batch_seen"], len(jobs))
         try:
             # without a chat template the tokenizer adds BOS itself (templates include it)
-            special = not getattr(state.tokenizer, "chat_template", None)
+            special = not getattr(state.tokenizer, "chat_template", None)  # = chat.adds_special_tokens
             run = partial(generate, add_special_tokens=special)
             prompts, specs = [j.prompt for j in jobs], [j.spec for j in jobs]
             outs = await loop.run_in_executor(executor, run, state.model, state.tokenizer, prompts, specs)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 from hippocrates.errors import HippoError
-from hippocrates.eval.prompts import DEFAULT_SEED, STRATEGIES
+from hippocrates.config import renamed_prompt
+from hippocrates.eval.prompts import DEFAULT_SEED, PROTOCOLS, STRATEGIES
 
 EXAMPLES = """examples:
   hippo eval --model smollm2-135m --tasks medqa --data medqa=data/demo/benchmarks/medqa/US_4_options_test.jsonl
@@ -52,7 +54,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-fewshot", type=int, default=0, metavar="K", help="exemplars per prompt (default 0)"
     )
-    parser.add_argument("--prompt", choices=STRATEGIES, default="hippocrates", help="prompt strategy")
+    parser.add_argument(
+        "--prompt",
+        type=renamed_prompt,
+        choices=STRATEGIES,
+        default="hippocrates",
+        help="prompt strategy: hippocrates (the paper's), letter (today's lm-eval), stepwise "
+        "(adds a step-by-step instruction; still scored by log-likelihood)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="v0.4",
+        help="v0.4: lm-eval 0.4's prompt assembly and encoding (default); v0.3: the paper's harness exactly "
+        "(documents shuffled with seed 42, shots drawn from that generator, separate encoding, no BOS)",
+    )
     parser.add_argument(
         "--chat-template", action="store_true", help="wrap the prompt in the model's chat template"
     )
@@ -90,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _sweep_axes(args: argparse.Namespace) -> tuple[list[str], list[bool], list[int]]:
     """Parse --prompts/--chat-options/--shots into lists, with one-line errors."""
-    prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
+    prompts = [renamed_prompt(p.strip()) for p in args.prompts.split(",") if p.strip()]
     bad = [p for p in prompts if p not in STRATEGIES]
     if bad or not prompts:
         raise HippoError(
@@ -122,6 +138,7 @@ def _eval_options(args: argparse.Namespace, fewshot_data: dict[str, str]) -> dic
         "seed": args.seed,
         "max_length": args.max_length,
         "trust_remote_code": args.trust_remote_code,
+        "protocol": args.protocol,
     }
 
 
@@ -138,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
         raise HippoError(f"--max-length must be >= 2, got {args.max_length}")
     if args.export_lm_eval:
         from hippocrates.eval.lm_eval_export import export
+
+        if args.protocol == "v0.3":
+            raise HippoError(
+                "--export-lm-eval writes lm-eval 0.4 tasks, which cannot encode as v0.3 did; use --protocol v0.4"
+            )
 
         written = export(
             args.export_lm_eval,
@@ -163,17 +185,19 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         return run_sweep_command(args, data, fewshot_data)
     from hippocrates.eval.runner import evaluate, format_table
+    from hippocrates.lock import hold
 
-    results = evaluate(
-        args.model,
-        args.tasks,
-        data=data,
-        num_fewshot=args.num_fewshot,
-        prompt=args.prompt,
-        chat_template=args.chat_template,
-        output_dir=args.output,
-        **_eval_options(args, fewshot_data),
-    )
+    with hold(args.output) if args.output else contextlib.nullcontext():
+        results = evaluate(
+            args.model,
+            args.tasks,
+            data=data,
+            num_fewshot=args.num_fewshot,
+            prompt=args.prompt,
+            chat_template=args.chat_template,
+            output_dir=args.output,
+            **_eval_options(args, fewshot_data),
+        )
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     if args.output:
         print(f"results: {args.output}/results.json")
@@ -185,18 +209,22 @@ def run_sweep_command(args: argparse.Namespace, data: dict[str, str], fewshot_da
     if not args.output:
         raise HippoError("--sweep needs --output DIR (it writes DIR/sweep.{json,md,csv})")
     prompts, chats, shots = _sweep_axes(args)
-    from hippocrates.report.sweep import run_sweep
+    from hippocrates.analyses.sweep import run_sweep
+    from hippocrates.data.io import check_writable
+    from hippocrates.lock import hold
 
-    result = run_sweep(
-        args.model,
-        [t.strip() for t in args.tasks.split(",") if t.strip()],
-        data or None,
-        prompts,
-        chats,
-        shots,
-        args.output,
-        **_eval_options(args, fewshot_data),
-    )
+    check_writable(args.output)
+    with hold(args.output):
+        result = run_sweep(
+            args.model,
+            [t.strip() for t in args.tasks.split(",") if t.strip()],
+            data or None,
+            prompts,
+            chats,
+            shots,
+            args.output,
+            **_eval_options(args, fewshot_data),
+        )
     print(json.dumps(result, indent=2) if args.json else (Path(args.output) / "sweep.md").read_text())
     print(f"sweep: {args.output}/sweep.json ({len(result['rows'])} combinations)")
     return 0

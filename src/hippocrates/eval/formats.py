@@ -50,6 +50,8 @@ def _need(record: dict[str, Any], key: str) -> Any:
 def _check_options(options: list[Any]) -> list[str]:
     if len(options) < 2:
         raise Skip(f"needs at least 2 options, found {len(options)}")
+    if len(options) > len(LETTERS):
+        raise Skip(f"has {len(options)} options; at most {len(LETTERS)} (A-Z) can be lettered")
     texts = [_text(o) if isinstance(o, str) else str(o).strip() if o is not None else "" for o in options]
     for i, text in enumerate(texts):
         if not text:

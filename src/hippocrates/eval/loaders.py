@@ -9,7 +9,6 @@ valid JSON at all is an error naming ``file:line`` (exit 2): nothing sensible ca
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hippocrates.data.io import iter_jsonl, read_json, sha256_file
+from hippocrates.data.io import iter_csv, iter_jsonl, read_json, read_text, sha256_file
 from hippocrates.errors import HippoError
 from hippocrates.eval.formats import (
     Item,
@@ -44,6 +43,8 @@ class TaskData:
     sha256: str | None
     pool_source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+    pool_overlap: int = 0  # pool items that repeat an evaluation item, removed from the pool
 
 
 # ---------------------------------------------------------------- reading files
@@ -55,18 +56,15 @@ def iter_records(path: Path) -> Iterator[tuple[int | str, dict[str, Any]]]:
         raise HippoError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            for record in reader:
-                yield reader.line_num, dict(record)
+        yield from iter_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
         return
     if suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         try:
             document = json.loads(text)
         except json.JSONDecodeError as exc:
             if "Extra data" not in exc.msg:
-                raise HippoError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+                raise HippoError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
             document = None  # JSON lines in a file named .json (MedMCQA's release does this)
         if isinstance(document, list):
             for i, record in enumerate(document):
@@ -83,24 +81,41 @@ def iter_records(path: Path) -> Iterator[tuple[int | str, dict[str, Any]]]:
     yield from iter_jsonl(path)
 
 
+def _norm(text: str | None) -> str:
+    return " ".join((text or "").lower().split())
+
+
+def item_key(item: Item) -> str:
+    """What makes two items the same question: normalised question, options and passage."""
+    return "\x1f".join([_norm(item.question), *(_norm(o) for o in item.options), _norm(item.context)])
+
+
 def _parse_all(
     records: Iterator[tuple[int | str, dict[str, Any]]],
     parse: Callable[[dict[str, Any]], tuple],
     make_id: Callable[[int | str, dict[str, Any]], str],
     where: Callable[[int | str], str],
     keep: Callable[[dict[str, Any]], bool] = lambda r: True,
+    duplicates: list[tuple[str, str]] | None = None,
 ) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Parsed items and skipped ``(id, reason)`` pairs.
+
+    A record repeating an earlier one (same id, or same question, options and passage) is scored
+    once: the repeat goes to ``duplicates`` (``(id, reason)``), never silently counted twice.
+    """
     items: list[Item] = []
     skipped: list[tuple[str, str]] = []
-    seen: dict[str, int] = {}
+    by_id: dict[str, str] = {}
+    by_key: dict[str, str] = {}
     for key, record in records:
         if not keep(record):
             continue
         ident = make_id(key, record)
-        if ident in seen:  # ids must be unique: few-shot sampling excludes the item by id
-            seen[ident] += 1
-            ident = f"{ident}#{seen[ident]}"
-        seen.setdefault(ident, 1)
+        if ident in by_id:
+            if duplicates is not None:
+                duplicates.append((ident, f"{where(key)}: id {ident} repeats the record at {by_id[ident]}"))
+            continue
+        by_id[ident] = where(key)
         try:
             parsed = parse(record)
         except Skip as exc:
@@ -108,7 +123,14 @@ def _parse_all(
             continue
         question, options, gold, *rest = parsed
         context = rest[0] if rest else None
-        items.append(Item(ident, question, options, gold, context, where(key)))
+        item = Item(ident, question, options, gold, context, where(key))
+        content = item_key(item)
+        if content in by_key:
+            if duplicates is not None:
+                duplicates.append((ident, f"{where(key)}: same question and options as id {by_key[content]}"))
+            continue
+        by_key[content] = ident
+        items.append(item)
     return items, skipped
 
 
@@ -137,7 +159,9 @@ def _id_maker(fmt: str, columns: Columns, task: str) -> Callable[[int | str, dic
     return make
 
 
-def load_file(spec: TaskSpec, path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
+def load_file(
+    spec: TaskSpec, path: Path, duplicates: list[tuple[str, str]] | None = None
+) -> tuple[list[Item], list[tuple[str, str]]]:
     """Parse one local file in the task's format (pubmedqa: every record, labels from the file)."""
     fmt = spec.format
     if fmt == "pubmedqa":
@@ -147,6 +171,7 @@ def load_file(spec: TaskSpec, path: Path) -> tuple[list[Item], list[tuple[str, s
             lambda r: parse_pubmedqa(r, choices),
             _id_maker(fmt, spec.columns, spec.task),
             lambda k: f"{path}:{k}",
+            duplicates=duplicates,
         )
     keep = (lambda r: r.get("category") == spec.category) if fmt == "usmle" and spec.category else None
     items, skipped = _parse_all(
@@ -155,6 +180,7 @@ def load_file(spec: TaskSpec, path: Path) -> tuple[list[Item], list[tuple[str, s
         _id_maker(fmt, spec.columns, spec.task),
         lambda k: f"{path}:{k}",
         keep or (lambda r: True),
+        duplicates,
     )
     if fmt == "usmle" and spec.category:  # records with no category belong to no step: say so
         for key, record in iter_records(path):
@@ -164,9 +190,11 @@ def load_file(spec: TaskSpec, path: Path) -> tuple[list[Item], list[tuple[str, s
     return items, skipped
 
 
-def _load_pubmedqa(spec: TaskSpec, path: Path) -> tuple[list[Item], list[Item], bool, list]:
+def _load_pubmedqa(
+    spec: TaskSpec, path: Path, duplicates: list[tuple[str, str]]
+) -> tuple[list[Item], list[Item], bool, list]:
     """PQA-L: the test split is the ground-truth PMIDs (labels from that file), the pool the rest."""
-    items, skipped = load_file(spec, path)
+    items, skipped = load_file(spec, path, duplicates)
     if spec.split == "all":
         return items, items, True, skipped
     truth_path = path.with_name(spec.ground_truth)
@@ -246,6 +274,26 @@ def _warn(task: str, skipped: list[tuple[str, str]], what: str = "record(s)") ->
         status(f"warning: {task}: skipped {len(skipped)} unusable {what}: {shown}{more}")
 
 
+def task_files(
+    spec: TaskSpec, data: str | None = None, data_dir: str | None = None, fewshot_data: str | None = None
+) -> dict[str, Any]:
+    """The files a task reads, by sha256 (or its hub dataset when no local file is given): its identity."""
+    path = local_path(spec, data, data_dir)
+    if path is None:
+        hf = spec.hf
+        return {"task": spec.task, "hub": hf.model_dump(mode="json") if hf else None}
+    out: dict[str, Any] = {"task": spec.task, "path": str(path), "sha256": sha256_file(path)}
+    if spec.format == "pubmedqa" and spec.split != "all":
+        truth = path.with_name(spec.ground_truth)
+        if truth.is_file():
+            out["ground_truth_sha256"] = sha256_file(truth)
+    elif spec.format not in ("pubmedqa", "usmle"):
+        pool = _fewshot_file(spec, path, fewshot_data)
+        if pool is not None:
+            out.update(fewshot_path=str(pool), fewshot_sha256=sha256_file(pool))
+    return out
+
+
 def load_task(
     spec: TaskSpec, data: str | None = None, data_dir: str | None = None, fewshot_data: str | None = None
 ) -> TaskData:
@@ -253,27 +301,40 @@ def load_task(
     path = local_path(spec, data, data_dir)
     if path is None:
         return load_hf(spec)
+    duplicates: list[tuple[str, str]] = []
     if spec.format == "pubmedqa":
-        items, pool, pool_is_eval, skipped = _load_pubmedqa(spec, path)
+        items, pool, pool_is_eval, skipped = _load_pubmedqa(spec, path, duplicates)
         pool_source = (
-            f"{path} (PMIDs not in {spec.ground_truth})" if not pool_is_eval else f"{path} (other items)"
+            f"{path} (PMIDs not in {spec.ground_truth})" if not pool_is_eval else f"{path} (the other evaluation items)"
         )
     elif spec.format == "usmle":
-        items, skipped = load_file(spec, path)
-        pool, pool_is_eval, pool_source = items, True, f"{path} (other {spec.category} items)"
+        items, skipped = load_file(spec, path, duplicates)
+        pool, pool_is_eval, pool_source = items, True, f"{path} (the other {spec.category} evaluation items)"
     else:
-        items, skipped = load_file(spec, path)
+        items, skipped = load_file(spec, path, duplicates)
         pool_path = _fewshot_file(spec, path, fewshot_data)
         if pool_path is None:
-            pool, pool_is_eval, pool_source = items, True, f"{path} (other items)"
+            pool, pool_is_eval, pool_source = items, True, f"{path} (the other evaluation items: no training file beside it)"
         else:
             pool, pool_skipped = load_file(spec, pool_path)
             _warn(spec.task, pool_skipped, f"few-shot record(s) in {pool_path.name}")
             pool_is_eval, pool_source = False, str(pool_path)
     _warn(spec.task, skipped)
+    if duplicates:
+        _warn(spec.task, duplicates, "repeated record(s) (scored once)")
     if not items:
         raise HippoError(f"{path}: no usable items for task {spec.task}")
-    return TaskData(spec, items, pool, pool_is_eval, str(path), sha256_file(path), pool_source, skipped)
+    overlap = 0
+    if not pool_is_eval:  # an exemplar must never be a copy of an evaluation item (it would give the answer)
+        keys = {item_key(i) for i in items}
+        kept = [p for p in pool if item_key(p) not in keys]
+        overlap = len(pool) - len(kept)
+        if overlap:
+            status(f"warning: {spec.task}: {overlap} few-shot pool item(s) repeat evaluation items; left out of the pool")
+        pool = kept
+    return TaskData(
+        spec, items, pool, pool_is_eval, str(path), sha256_file(path), pool_source, skipped, duplicates, overlap
+    )
 
 
 def load_hf(spec: TaskSpec) -> TaskData:

@@ -3,9 +3,8 @@
 ``acc``: argmax of the summed log-likelihoods. ``acc_norm``: argmax after dividing each by the
 character length of the choice string (lm-eval divides by ``len(choice)``, the scored text
 without the leading target delimiter). Standard errors are lm-eval's ``mean_stderr``: the
-sample standard deviation (n - 1) over sqrt(n). ``ece`` and ``brier`` are minimal versions over
-the softmax of the option log-likelihoods (the full calibration analysis lives in
-``hippocrates.eval.calibration``).
+sample standard deviation (n - 1) over sqrt(n). ``ece`` and ``brier`` come from
+:mod:`hippocrates.eval.calibration`, which holds the whole calibration analysis.
 """
 
 from __future__ import annotations
@@ -13,14 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-ECE_BINS = 10
+from hippocrates.eval import calibration as cal
 
-
-def softmax(values: list[float]) -> list[float]:
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    total = sum(exps)
-    return [e / total for e in exps]
 
 
 def argmax(values: list[float]) -> int:
@@ -39,7 +32,7 @@ def sample_row(
 ) -> dict[str, Any]:
     """One samples_<task>.jsonl row (the contract the report and calibration build on)."""
     chars = [len(c) for c in choices]
-    probs = softmax(loglikelihoods)
+    probs = [float(p) for p in cal.softmax(loglikelihoods)]
     pred = argmax(loglikelihoods)
     pred_norm = argmax([ll / max(n, 1) for ll, n in zip(loglikelihoods, chars, strict=True)])
     return {
@@ -68,27 +61,6 @@ def mean_stderr(values: list[float]) -> float | None:
     return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
-def ece(confidences: list[float], correct: list[bool], bins: int = ECE_BINS) -> float:
-    """Expected calibration error: equal-width confidence bins, weighted |accuracy - confidence|."""
-    n = len(confidences)
-    total = 0.0
-    for b in range(bins):
-        lo, hi = b / bins, (b + 1) / bins
-        idx = [i for i, c in enumerate(confidences) if (lo < c <= hi) or (b == 0 and c == 0.0)]
-        if idx:
-            acc = sum(correct[i] for i in idx) / len(idx)
-            conf = sum(confidences[i] for i in idx) / len(idx)
-            total += len(idx) / n * abs(acc - conf)
-    return total
-
-
-def brier(probs: list[list[float]], gold: list[int]) -> float:
-    """Multi-class Brier score: mean over items of sum_k (p_k - 1[k == gold])^2."""
-    return sum(
-        sum((p - (k == g)) ** 2 for k, p in enumerate(ps)) for ps, g in zip(probs, gold, strict=True)
-    ) / len(gold)
-
-
 def task_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """acc, acc_norm (with stderrs), n, ece and brier over a task's sample rows."""
     acc = [float(r["correct"]) for r in rows]
@@ -100,6 +72,6 @@ def task_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "acc_norm": sum(acc_norm) / n if n else None,
         "acc_norm_stderr": mean_stderr(acc_norm),
         "n": n,
-        "ece": ece([r["confidence"] for r in rows], [r["correct"] for r in rows]) if n else None,
-        "brier": brier([r["probs"] for r in rows], [r["gold"] for r in rows]) if n else None,
+        "ece": cal.ece([r["confidence"] for r in rows], [float(r["correct"]) for r in rows]) if n else None,
+        "brier": cal.brier([r["probs"] for r in rows], [r["gold"] for r in rows]) if n else None,
     }

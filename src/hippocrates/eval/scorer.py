@@ -17,13 +17,12 @@ then differs per option; they are counted.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hippocrates.errors import HippoError
+from hippocrates.models import keeps_logits_by_mask
 from hippocrates.progress import progress
 
 TOKENIZER_INFINITY = 1000000000000000019884624838656
@@ -73,9 +72,41 @@ class LmEvalTokenizer:
         return Encoded(context_enc, conts)
 
 
-def model_max_length(model: Any, tokenizer: Any, default: int = 2048) -> int:
-    """The window lm-eval assumes: config n_positions / max_position_embeddings / n_ctx, then tokenizer."""
+class V03Tokenizer:
+    """Encode (context, continuation) pairs as lm-eval v0.3.0's ``BaseLM.loglikelihood`` did.
+
+    ``context_enc = tok.encode(context, add_special_tokens=False)`` (an empty context is the EOS
+    token) and, separately, ``continuation_enc = tok.encode(continuation, add_special_tokens=False)``:
+    no BOS, no moving of whitespace, and for SentencePiece tokenizers a continuation such as
+    ``" yes"`` gets its own prefix-space token, exactly as the paper's numbers were computed.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode_prompt(self, context: str, continuations: Sequence[str]) -> Encoded:
+        tok = self.tokenizer
+        context_enc = tok.encode(context, add_special_tokens=False) if context else [tok.eos_token_id]
+        if not context_enc:
+            raise HippoError(f"prompt context {context[:40]!r} has no tokens")
+        return Encoded(context_enc, [tok.encode(c, add_special_tokens=False) for c in continuations])
+
+
+def encoder_for(protocol: str, tokenizer: Any) -> LmEvalTokenizer | V03Tokenizer:
+    return V03Tokenizer(tokenizer) if protocol == "v0.3" else LmEvalTokenizer(tokenizer)
+
+
+def model_max_length(model: Any, tokenizer: Any, default: int = 2048, protocol: str = "v0.4") -> int:
+    """The window lm-eval assumes: config n_positions / max_position_embeddings / n_ctx, then tokenizer.
+
+    lm-eval v0.3.0 read ``n_ctx`` first, then ``max_position_embeddings``.
+    """
     config = getattr(model.config, "text_config", None) or model.config
+    if protocol == "v0.3":
+        for attr in ("n_ctx", "max_position_embeddings"):
+            value = getattr(config, attr, None)
+            if value is not None:
+                return int(value)
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, attr, None)
         if value is not None:
@@ -94,15 +125,6 @@ def _sliding_window(model: Any) -> int | None:
     return int(window)
 
 
-@functools.cache
-def _keeps_by_mask(model_class: type) -> bool:
-    """Whether the model's forward takes a boolean ``logits_to_keep`` (transformers' helper)."""
-    try:
-        return "slice_logits_to_keep" in inspect.getsource(model_class.forward)
-    except (OSError, TypeError):
-        return False
-
-
 def _log_probs(model: Any, ids, mask4d, positions, keep) -> Any:
     """Log-softmax (fp32) over the vocabulary at the ``keep`` positions, flattened row-major."""
     import torch
@@ -113,7 +135,7 @@ def _log_probs(model: Any, ids, mask4d, positions, keep) -> Any:
         kwargs.update(attention_mask=mask4d.to(device), position_ids=positions.to(device))
     keep = keep.to(device)
     with torch.inference_mode():
-        if _keeps_by_mask(type(model)):
+        if keeps_logits_by_mask(model):
             logits = model(**kwargs, logits_to_keep=keep).logits
             logits = logits.reshape(-1, logits.shape[-1])
         else:

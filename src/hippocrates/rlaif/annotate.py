@@ -13,12 +13,12 @@ import argparse
 import copy
 import itertools
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from hippocrates.config import Recipe, load_recipe
+from hippocrates.record import Step
 from hippocrates.data.io import atomic_dir, sha256_file, write_json, write_jsonl
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
@@ -119,6 +119,27 @@ def check_judge(config: Any) -> None:
         raise HippoError(f"judge.api_key_env: environment variable {config.api_key_env} is not set")
 
 
+def plan(recipe: Recipe, model: str, out_dir: Path, agreement: str | Path | None = None) -> Step:
+    """This step's inputs: the annotate config, the SFT template, the policy model, the prompts file,
+    the rubric, the local judge model and the human labels when agreement is measured."""
+    from hippocrates.models import resolve_precision
+    from hippocrates.record import model_fingerprint
+
+    cfg = recipe.stages.annotate
+    rubric = load_rubric(cfg.judge.rubric)
+    data: list[dict[str, Any]] = [
+        {"path": str(cfg.prompts), "sha256": sha256_file(cfg.prompts), "role": "prompts"},
+        {"path": rubric.path, "sha256": rubric.sha256, "role": "rubric"},
+    ]
+    if cfg.judge.backend == "local":
+        data.append({"path": cfg.judge.model, "fingerprint": model_fingerprint(cfg.judge.model), "role": "judge"})
+    if agreement:
+        data.append({"path": str(agreement), "sha256": sha256_file(agreement), "role": "human_labels"})
+    config = {**cfg.model_dump(mode="json"), "template": recipe.stages.sft.template}
+    return Step("annotate", config, model=str(model), data=data, seed=recipe.seed,
+                precision=resolve_precision(recipe.precision))  # fmt: skip
+
+
 def run_annotate(
     recipe: Recipe,
     model_path: str,
@@ -128,20 +149,17 @@ def run_annotate(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sample, judge in both orders, and write OUTPUT/annotate atomically; returns metrics.json's content."""
+    from hippocrates.data.io import check_writable
     from hippocrates.models import load_model, load_tokenizer, resolve_model
-    from hippocrates.stages.common import (
-        check_owner,
-        compute_inputs_hash,
-        model_fingerprint,
-        now,
-        resolve_precision,
-    )
+    from hippocrates.record import check_owner, now, write_manifest
 
     cfg, out_dir, t0, started = recipe.stages.annotate, Path(out_dir), time.time(), now()
     check_owner(out_dir, recipe, overwrite)
-    precision = resolve_precision(recipe.precision)
+    check_writable(out_dir.parent)
     prompts = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts)
     check_judge(cfg.judge)  # fail on a bad judge setting before minutes of sampling
+    step = plan(recipe, model_path, out_dir, agreement)
+    precision = str(step.precision)
     status(f"annotate: {len(prompts)} prompts x {cfg.n_candidates} candidates from {model_path}")
     resolved = resolve_model(model_path)
     tokenizer = load_tokenizer(resolved, trust_remote_code=recipe.trust_remote_code)
@@ -222,80 +240,26 @@ def run_annotate(
         )
     if not result["preferences"]:
         status("annotate: warning: no preference pairs; DPO will have nothing to train on")
-    data = [{"path": str(cfg.prompts), "sha256": sha256_file(cfg.prompts)}]
-    if agreement:
-        data.append({"path": str(agreement), "sha256": sha256_file(agreement)})
-    model_fp = model_fingerprint(str(model_path))
-    config = cfg.model_dump(mode="json")
-    manifest = _manifest(
-        recipe,
-        model_path,
-        model_fp,
-        config,
-        data,
-        precision,
-        started,
-        t0,
-        compute_inputs_hash("annotate", config, recipe, model_fp, data),
-        judge,
-    )
+    outputs = ["candidates.jsonl", "preferences.jsonl", "set_aside.jsonl", "metrics.json"]
+    extra = {
+        "judge": judge.name,
+        "rubric": {"version": judge.rubric.version, "sha256": judge.rubric.sha256, "path": judge.rubric.path},
+    }
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "candidates.jsonl", records)
         write_jsonl(tmp / "preferences.jsonl", result["preferences"])
         write_jsonl(tmp / "set_aside.jsonl", set_aside)
         if agreement_rows is not None:
             write_jsonl(tmp / "agreement.jsonl", agreement_rows)
+            outputs.append("agreement.jsonl")
         write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "manifest.json", manifest)
+        write_manifest(tmp, step.manifest(outputs=outputs, started=started, t0=t0, recipe=recipe, extra=extra))
     return metrics
 
 
 def _mean_tokens(records: list[dict[str, Any]]) -> float:
     counts = [c["n_tokens"] for r in records for c in r["candidates"]]
     return round(sum(counts) / len(counts), 2) if counts else 0.0
-
-
-def _manifest(
-    recipe: Recipe,
-    model_path: str,
-    model_fp: str,
-    config: dict[str, Any],
-    data: list[dict[str, Any]],
-    precision: str,
-    started: str,
-    t0: float,
-    inputs_hash: str,
-    judge: Judge,
-) -> dict[str, Any]:
-    """The same fields the training stages write, plus the judge and rubric (never an API key)."""
-    from hippocrates import __version__
-    from hippocrates.config import recipe_to_dict
-    from hippocrates.stages.common import digest, git_commit, hardware, now, package_versions
-
-    finished = now()
-    return {
-        "stage": "annotate",
-        "recipe_name": recipe.name,
-        "recipe_path": recipe.source_path,
-        "hippocrates_version": __version__,
-        "inputs_hash": inputs_hash,
-        "fingerprint": digest({"inputs_hash": inputs_hash, "finished": finished, "t": time.time()}),
-        "input_model": {"path": str(model_path), "fingerprint": model_fp},
-        "config": config,
-        "data": data,
-        "judge": judge.name,
-        "rubric": {"version": judge.rubric.version, "sha256": judge.rubric.sha256, "path": judge.rubric.path},
-        "seed": recipe.seed,
-        "precision": precision,
-        "started": started,
-        "finished": finished,
-        "duration_s": round(time.time() - t0, 1),
-        "packages": package_versions(),
-        "git_commit": git_commit(),
-        "hardware": hardware(),
-        "command": sys.argv,
-        "recipe": recipe_to_dict(recipe),
-    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -322,7 +286,12 @@ def run(args: argparse.Namespace) -> int:
     if args.agreement and not Path(args.agreement).is_file():
         raise HippoError(f"{args.agreement}: file not found")
     out_dir = Path(args.output) if args.output else out / "annotate"
-    m = run_annotate(recipe, model, out_dir, agreement=args.agreement, overwrite=args.overwrite)
+    from hippocrates.lock import hold
+    from hippocrates.preflight import preflight
+
+    preflight(recipe, ["annotate"], model=model, outputs=[out_dir])
+    with hold(recipe.output_dir), hold(out_dir.parent):
+        m = run_annotate(recipe, model, out_dir, agreement=args.agreement, overwrite=args.overwrite)
     rate = m["consistency_rate"]
     print(
         f"annotate: {m['preference_pairs']} preference pairs from {m['judged_pairs']} judged pairs "

@@ -2,8 +2,7 @@
 
 Each (prompt, candidate k) gets its own seed derived from the recipe seed and the prompt id, so
 a rerun, or a run with more prompts or another batch size, draws the same candidates for the
-same question. The prompt is rendered the way SFT trained the model: its chat template when the
-recipe's SFT template is ``chat`` (or ``auto`` and the tokenizer has one), else Alpaca style.
+same question. The prompt is rendered the way SFT trained the model (:mod:`hippocrates.chat`).
 """
 
 from __future__ import annotations
@@ -13,16 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hippocrates import chat
 from hippocrates.data.io import iter_jsonl, require_fields
 from hippocrates.errors import HippoError
 from hippocrates.progress import progress
 from hippocrates.rlaif.sampling import RowSpec, generate
-
-ALPACA = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
-)
-
 
 @dataclass(frozen=True)
 class Prompt:
@@ -50,22 +44,6 @@ def load_prompts(path: str | Path, field: str = "prompt", limit: int | None = No
     return prompts
 
 
-def use_chat_template(tokenizer: Any, template: str = "auto") -> bool:
-    """Chat template when SFT used one (``chat``, or ``auto`` with a template available)."""
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if template == "chat" and not has:
-        raise HippoError("sft.template is 'chat' but the model's tokenizer has no chat template")
-    return has and template != "alpaca"
-
-
-def render_prompt(tokenizer: Any, text: str, chat: bool) -> str:
-    if chat:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return ALPACA.format(prompt=text)
-
-
 def candidate_seed(seed: int, prompt_id: str, k: int) -> int:
     """A 63-bit seed that depends only on the run seed, the prompt id and the candidate index."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{k}".encode()).digest()[:8], "big") >> 1
@@ -89,9 +67,9 @@ def sample_candidates(
     ``batch_size`` counts prompts, so a generate call holds ``batch_size * n`` rows; prompts of
     similar length share a batch to keep left padding small.
     """
-    chat = use_chat_template(tokenizer, template)
-    rendered = [render_prompt(tokenizer, p.text, chat) for p in prompts]
-    special = not chat  # the chat template already holds any BOS token
+    fmt = chat.choose_format(tokenizer, template)
+    rendered = [chat.render(tokenizer, chat.user(p.text), fmt) for p in prompts]
+    special = chat.adds_special_tokens(fmt)
     lengths = [len(tokenizer(r, add_special_tokens=special)["input_ids"]) for r in rendered]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     settings = {
@@ -99,7 +77,7 @@ def sample_candidates(
         "temperature": temperature,
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
-        "template": "chat" if chat else "alpaca",
+        "template": fmt,
         "seed": seed,
     }
     results: dict[int, list[dict[str, Any]]] = {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from hippocrates import chat
 from hippocrates.progress import progress
 from hippocrates.rlaif.judges import ASK_LOCAL, JudgeItem, Rubric, Verdict, judge_prompt
 
@@ -50,6 +51,7 @@ class LocalJudge:
         self.model, self.tokenizer, self.rubric = model.eval(), tokenizer, rubric
         self.name, self.batch_size, self.tie_threshold = name, batch_size, tie_threshold
         self.calibrate, self.share_prefix = calibrate, share_prefix
+        self.fmt = chat.choose_format(tokenizer, "auto")
         self.token_a, self.token_b = self._verdict_token(" A"), self._verdict_token(" B")
         self.bias: float | None = None
         self.stats: dict[str, Any] = {"items": 0, "forward_tokens": 0, "prefix_tokens": 0}
@@ -64,16 +66,11 @@ class LocalJudge:
 
     def render(self, item: JudgeItem) -> str:
         """The full text whose next token is the verdict letter."""
-        user = judge_prompt(self.rubric, item, ask=ASK_LOCAL)
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-            )
-            return text + LEAD
-        return f"{user}\n\n{LEAD}"
+        messages = chat.user(judge_prompt(self.rubric, item, ask=ASK_LOCAL))
+        return chat.render(self.tokenizer, messages, self.fmt) + LEAD
 
     def _encode(self, items: list[JudgeItem]) -> list[list[int]]:
-        special = not getattr(self.tokenizer, "chat_template", None)  # chat templates add BOS themselves
+        special = chat.adds_special_tokens(self.fmt)
         return [self.tokenizer(self.render(i), add_special_tokens=special)["input_ids"] for i in items]
 
     def log_probs(self, items: list[JudgeItem], *, show_progress: bool = True) -> list[tuple[float, float]]:

@@ -5,18 +5,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hippocrates.stages.common import StageRun
+    from hippocrates.stages.run import StageRun
 
 DESCRIPTIONS = {
     "cpt": "continued pre-training on medical text (LoRA, merged)",
     "sft": "medical instruction tuning on a weighted mixture, loss on responses only (LoRA, merged)",
     "dpo": "direct preference optimisation on judged answer pairs (LoRA, merged; reference = adapter disabled)",
+    "grpo": "reinforcement learning with verifiable rewards (GRPO on questions with known answers; LoRA, merged)",
 }
 SKIP = {"log_history", "notes", "stage"}
 
 
 def _value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}%" if isinstance(v, float) else "?"
 
 
 def model_card(run: StageRun, metrics: dict[str, Any]) -> str:
@@ -32,11 +37,12 @@ def model_card(run: StageRun, metrics: dict[str, Any]) -> str:
             f"- `{d['path']}` (weight {d.get('weight', 1)}, {d.get('kind', '')}"
             + (f", sha256 `{d['sha256'][:16]}…`" if d.get("sha256") else ", Hugging Face hub")
             + ")"
-            for d in run.data
+            for d in run.step.data
         )
         or "- (none)"
     )
     cfg = run.config
+    merge = metrics.get("merge") or {}
     lora = cfg.get("lora", {})
     train = cfg.get("train", {})
     notes = "\n".join(f"- {n}" for n in run.notes) or "- none"
@@ -61,6 +67,8 @@ so `AutoModelForCausalLM.from_pretrained("<this folder>")` loads it directly.
   batch {train.get("batch_size")} x accumulation {train.get("grad_accum")}, max length {train.get("max_seq_len")},
   epochs {train.get("epochs")}, max steps {train.get("max_steps")}
 - precision {run.precision}, seed {run.recipe.seed}, started {run.started}
+- merged in fp32 and stored as {merge.get("dtype")}: {_pct(merge.get("update_retained"))} of the adapter's weight update kept,
+  max |Δ logit| against the unmerged model {_value(merge.get("max_abs_logit_diff"))}
 
 ## Metrics
 | metric | value |

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from hippocrates.config import Recipe, Source
-from hippocrates.data.sources import clean_text, iter_records, text_of
+from hippocrates.data.sources import clean_text, describe, iter_records, text_of
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
-from hippocrates.stages import common
+from hippocrates.record import Step
+from hippocrates.stages import run as stage_run
+from hippocrates.stages.cli import add_stage_arguments, run_stage_command
 from hippocrates.stages.mixture import interleave, sample_mixture
 
 
@@ -80,9 +82,11 @@ def perplexity(model, rows: list[dict[str, Any]], collator, batch_size: int, pre
     return math.exp(nll)
 
 
-def stage_inputs(recipe: Recipe, out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The resolved config and data identities that make up this stage's inputs hash."""
-    return common.source_inputs(recipe.stages.cpt)
+def plan(recipe: Recipe, model: str, out_dir: Path) -> Step:
+    """This stage's inputs: its config, the input model, every data file (see hippocrates.record)."""
+    cfg = recipe.stages.cpt
+    data = [describe(s) for s in cfg.data] + [{**describe(s), "role": "eval"} for s in cfg.eval_data]
+    return stage_run.training_step("cpt", recipe, model, cfg.model_dump(mode="json"), data)
 
 
 def run_cpt(
@@ -98,44 +102,28 @@ def run_cpt(
     """Train a LoRA on the recipe's CPT corpus, merge it, and write OUTPUT/cpt (see docs/CONTRACTS.md)."""
     cfg = recipe.stages.cpt
     if not cfg.data:
-        raise HippoError("stages.cpt.data: no training corpus given")
+        raise HippoError(f"{recipe.where('stages.cpt.data')}: no training corpus given")
     streaming = any(s.streaming for s in cfg.data)
     if streaming and cfg.train.max_steps <= 0:
         raise HippoError(
-            "stages.cpt.train.max_steps: a streamed corpus has no known length; set max_steps > 0"
+            f"{recipe.where('stages.cpt.train.max_steps')}: a streamed corpus has no known length; set max_steps > 0"
         )
-    config, data = stage_inputs(recipe, Path(out_dir))
+    step = plan(recipe, model_path, Path(out_dir))
     stats: Counter = Counter()
     texts = None if streaming else list(iter_corpus(cfg.data, recipe.seed, stats))  # validated before writing
     if texts is not None and not texts:
         raise HippoError(f"stages.cpt.data: no training text ({stats['documents']} documents, all empty)")
     eval_stats: Counter = Counter()
     eval_texts = [t for s in cfg.eval_data for t in iter_texts(s, eval_stats)]
-    run = common.begin_stage(
-        "cpt",
-        recipe,
-        model_path,
-        Path(out_dir),
-        config,
-        data,
-        resume=resume,
-        overwrite=overwrite,
-        report_to=report_to,
-        callbacks=callbacks,
+    run = stage_run.begin_stage(
+        step, recipe, Path(out_dir), resume=resume, overwrite=overwrite, report_to=report_to, callbacks=callbacks
     )
-    from hippocrates.stages.modeling import (
-        GeneratorDataset,
-        MaskedLMTrainer,
-        PackedCollator,
-        install_masked_head,
-    )
+    from hippocrates.stages.modeling import GeneratorDataset, PackedCollator, SupervisedTokenTrainer
 
-    model, tokenizer = common.load_for_training(run)
+    model, tokenizer = stage_run.load_for_training(run)
     block = cfg.train.max_seq_len
     if texts is None:
-        train_data: Any = GeneratorDataset(
-            lambda: streamed_rows(cfg.data, tokenizer, block, recipe.seed, stats)
-        )
+        train_data: Any = GeneratorDataset(lambda: streamed_rows(cfg.data, tokenizer, block, recipe.seed, stats))
     else:
         train_data = [as_row(ids) for ids in iter_blocks(iter(texts), tokenizer, block)]
         stats["train_blocks"] = len(train_data)
@@ -149,12 +137,11 @@ def run_cpt(
 
     from transformers import TrainingArguments
 
-    install_masked_head(model)
-    model = common.wrap_lora(model, cfg.lora, cfg.train, recipe.seed)
+    model = stage_run.wrap_lora(model, cfg.lora, cfg.train, recipe.seed)
     collator = PackedCollator(tokenizer.pad_token_id)
-    trainer = MaskedLMTrainer(
+    trainer = SupervisedTokenTrainer(
         model=model,
-        args=TrainingArguments(**common.trainer_kwargs(run, cfg.train)),
+        args=TrainingArguments(**stage_run.trainer_kwargs(run, cfg.train)),
         train_dataset=train_data,
         data_collator=collator,
         callbacks=run.callbacks,
@@ -163,11 +150,11 @@ def run_cpt(
     ppl_before = perplexity(trainer.model, eval_rows, collator, batch, run.precision)
     if ppl_before is not None:
         status(f"cpt: held-out perplexity before training {ppl_before:.3f}")
-    trainer.train(resume_from_checkpoint=run.resume_from)
+    stage_run.train(run, trainer)
     ppl_after = perplexity(trainer.model, eval_rows, collator, batch, run.precision)
     if ppl_after is not None:
         status(f"cpt: held-out perplexity after training {ppl_after:.3f}")
-    summary = common.train_summary(trainer, run)
+    summary = stage_run.train_summary(trainer)
     metrics = {
         **{k: v for k, v in summary.items() if k != "log_history"},
         "eval_perplexity_before": ppl_before,
@@ -181,7 +168,10 @@ def run_cpt(
         "streaming": streaming,
         "log_history": summary["log_history"],
     }
-    return common.finish_stage(run, trainer.model, tokenizer, metrics)
+    adapter = stage_run.save_adapter(run, trainer)
+    probe = stage_run.probe_rows(eval_rows or (train_data if isinstance(train_data, list) else []))
+    del trainer, model
+    return stage_run.finish_stage(run, adapter, tokenizer, metrics, probe)
 
 
 def _rate(tokens: int, seconds: float | None) -> float | None:
@@ -189,10 +179,10 @@ def _rate(tokens: int, seconds: float | None) -> float | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_stage_arguments(parser, "cpt")
+    add_stage_arguments(parser, "cpt")
 
 
 def run(args: argparse.Namespace) -> int:
-    return common.run_stage_command(
+    return run_stage_command(
         args, "cpt", run_cpt, ["eval_perplexity_before", "eval_perplexity_after", "train_loss"]
     )

@@ -1,8 +1,11 @@
-"""The loss, the packing and the Trainer shared by CPT and SFT.
+"""The loss, the packing collator and the Trainer shared by CPT and SFT.
 
 Why not the stock causal-LM loss: it projects *every* position through the LM head, and for a
 49k-token vocabulary those full-vocabulary logits dominate time and memory. Here only positions
-with a label (the response in SFT) go through the head, so prompt tokens cost a backbone pass only.
+with a label (the response in SFT) are projected: the model's own forward is called with
+``logits_to_keep`` set to a boolean mask of those positions, so whatever the architecture does
+after its LM head (Gemma-2's final-logit softcapping, Granite's ``logits_scaling``, Cohere's
+``logit_scale``) still applies, and the loss is the one the model itself would compute.
 
 Why packing with position ids: several samples share a row, and ``position_ids`` restart at 0 at
 each sample. With no attention mask, transformers turns those restarts into a block-diagonal
@@ -12,8 +15,6 @@ attend to each other and each one sees exactly the positions it would see alone.
 
 from __future__ import annotations
 
-import functools
-import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,41 +24,33 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from hippocrates.stages.packing import IGNORE, count_tokens, make_rows, pack_bfd  # noqa: F401 (re-exported)
+from hippocrates.models import keeps_logits_by_mask
+from hippocrates.stages.packing import IGNORE
 
 
-def install_masked_head(model: torch.nn.Module) -> None:
-    """Let ``model(..., labels=..., masked_lm=True)`` return the summed NLL of labelled positions only.
-
-    The patch is an instance attribute over the class forward, so generation and ordinary calls
-    are unchanged, and PEFT/accelerate wrappers pass the extra keyword through to it.
-    """
-    if "forward" in vars(model):
-        return
-    original = model.forward
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args: Any, masked_lm: bool = False, labels: torch.Tensor | None = None, **kwargs: Any):
-        if not masked_lm:
-            return (
-                original(*args, labels=labels, **kwargs) if labels is not None else original(*args, **kwargs)
-            )
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "return_dict"}
-        kwargs["use_cache"] = False  # a cache would also turn off packed-sequence masking
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        head = self.get_output_embeddings()
-        logits = head(hidden[keep]).float()
-        nll = F.cross_entropy(logits, targets[keep], reduction="sum")
-        return {"nll": nll, "tokens": keep.sum()}
-
-    model.forward = types.MethodType(forward, model)
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP/FSDP and PEFT wrappers (to ask what its forward accepts)."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
 
 
-def remove_masked_head(model: torch.nn.Module) -> None:
-    """Undo :func:`install_masked_head` (before saving or handing the model on)."""
-    vars(model).pop("forward", None)
+def labelled_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, count) over the labelled tokens of a batch, through the model's own forward."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    mask = F.pad(keep, (0, 1), value=False)  # position t predicts token t + 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if keeps_logits_by_mask(_inner(model)):
+        logits = model(**inputs, use_cache=False, logits_to_keep=mask).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+    else:  # an architecture whose forward cannot slice: all logits, then the labelled ones
+        logits = model(**inputs, use_cache=False).logits[mask]
+    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return nll, keep.sum()
 
 
 @dataclass
@@ -114,23 +107,23 @@ def mean_nll(
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collator(list(rows[start : start + batch_size])).items()}
             with autocast_for(model, precision):
-                out = model(**batch, masked_lm=True)
-            total += float(out["nll"])
-            count += int(out["tokens"])
+                nll, tokens = labelled_nll(model, batch)
+            total += float(nll)
+            count += int(tokens)
     finally:
         model.train(was_training)
     return (total / count if count else float("nan")), count
 
 
-class MaskedLMTrainer(Trainer):
-    """A transformers Trainer whose loss is the masked-head NLL (see :func:`install_masked_head`).
+class SupervisedTokenTrainer(Trainer):
+    """A transformers Trainer whose loss covers the labelled tokens only (see :func:`labelled_nll`).
 
-    The training loss of an optimizer step is the summed NLL of its supervised tokens divided by
+    The training loss of an optimizer step is the summed NLL of its labelled tokens divided by
     their count over the whole step: every micro-batch of the gradient accumulation and, under
     DDP, every process (``average_tokens_across_devices``, on by default, has the Trainer gather
     that count). DDP averages gradients over the processes, so each process scales its share by
     the number of processes, as the stock ``Trainer.compute_loss`` does. The loss and gradients are
-    then exactly those of one process running the global batch, however unevenly the supervised
+    then exactly those of one process running the global batch, however unevenly the labelled
     tokens fall on the ranks.
     """
 
@@ -140,21 +133,21 @@ class MaskedLMTrainer(Trainer):
         self.supervised_tokens = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(**inputs, masked_lm=True)
-        tokens = out["tokens"]
+        nll, tokens = labelled_nll(model, inputs)
         if model.training:
             self.supervised_tokens += int(tokens)
         if num_items_in_batch is None:
-            loss = out["nll"] / tokens.clamp(min=1)
+            loss = nll / tokens.clamp(min=1)
         else:
-            loss = out["nll"] / num_items_in_batch
+            loss = nll / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        out = {"nll": nll, "tokens": tokens}
         return (loss, out) if return_outputs else loss
 
     def train(self, *args: Any, **kwargs: Any):
         output = super().train(*args, **kwargs)
-        if self.args.world_size > 1:  # supervised tokens seen by all processes, for throughput
+        if self.args.world_size > 1:  # labelled tokens seen by all processes, for throughput
             count = torch.tensor(self.supervised_tokens, device=self.args.device)
             self.supervised_tokens = int(self.accelerator.reduce(count, reduction="sum"))
         return output

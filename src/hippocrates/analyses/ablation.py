@@ -1,0 +1,219 @@
+"""``hippo ablate RECIPE``: how much does each stage contribute? (the paper's ablation table)
+
+Evaluates the recipe's models on its eval tasks: base, +CPT, +SFT (from base), +CPT+SFT and
++CPT+SFT+DPO. Models come from the pipeline's folders (OUTPUT/cpt, sft, annotate, dpo) when they
+are current for the recipe (:func:`hippocrates.record.current`: same config, input model and data)
+and are trained otherwise; the one extra model, SFT from the base, goes to
+OUTPUT/ablation/sft_from_base. Each variant's evaluation goes to
+OUTPUT/ablation/eval/<variant>/<K>shot/ and is reused while current, as is the pipeline's own
+evaluation of the same model under the same protocol. A retrained model has a new fingerprint,
+so everything trained or evaluated from it is redone: no file times are trusted. The table is
+rewritten after every variant, so an interrupted ablation keeps its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hippocrates.config import Recipe, load_recipe
+from hippocrates.data.io import write_json, write_text
+from hippocrates.errors import HippoError
+from hippocrates.progress import status
+from hippocrates.record import current, staleness
+from hippocrates.report.tables import ablation_table, task_average
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    stages: tuple[str, ...]
+    model: str  # the key of the trained model it evaluates (see Ablation.ensure)
+
+
+VARIANTS = (
+    Variant("base", "Base", (), "base"),
+    Variant("cpt", "+CPT", ("cpt",), "cpt"),
+    Variant("sft_from_base", "+SFT", ("sft",), "sft_from_base"),
+    Variant("cpt_sft", "+CPT+SFT", ("cpt", "sft"), "sft"),
+    Variant("cpt_sft_dpo", "+CPT+SFT+DPO", ("cpt", "sft", "dpo"), "dpo"),
+)
+# key -> (stage module, key of its input model, output folder below OUTPUT)
+TRAINED = {
+    "cpt": ("cpt", "base", "cpt"),
+    "sft": ("sft", "cpt", "sft"),
+    "sft_from_base": ("sft", "base", "ablation/sft_from_base"),
+    "annotate": ("annotate", "sft", "annotate"),
+    "dpo": ("dpo", "sft", "dpo"),
+}
+MODULES = {
+    "cpt": "hippocrates.stages.cpt",
+    "sft": "hippocrates.stages.sft",
+    "dpo": "hippocrates.stages.dpo",
+    "annotate": "hippocrates.rlaif.annotate",
+}
+
+
+class Ablation:
+    """Trains (or reuses) the models the variants need, evaluates them and keeps the table."""
+
+    def __init__(self, recipe: Recipe, shots: int, limit: int | None, force: bool) -> None:
+        self.recipe, self.shots, self.limit, self.force_eval = recipe, shots, limit, force
+        self.out = Path(recipe.output_dir)
+        self.models: dict[str, str] = {}
+        self.train_s = 0.0
+
+    def skip_reason(self, variant: Variant) -> str | None:
+        stages = self.recipe.stages
+        for stage in variant.stages:
+            if not getattr(stages, stage).enabled:
+                return f"stages.{stage}.enabled is false in the recipe"
+        if "dpo" in variant.stages and not stages.dpo.data and not stages.annotate.enabled:
+            return "DPO needs stages.dpo.data or the annotate stage"
+        return None
+
+    def ensure(self, key: str) -> str:
+        """The path of a trained model (or the annotate folder) by key, training what is not current."""
+        if key in self.models:
+            return self.models[key]
+        if key == "base":
+            self.models[key] = self.recipe.base_model
+            return self.models[key]
+        stage, source, folder = TRAINED[key]
+        if key == "sft" and not self.recipe.stages.cpt.enabled:
+            source = "base"  # the pipeline's SFT trains the base model when CPT is off
+        model = self.ensure(source)
+        if key == "dpo" and not self.recipe.stages.dpo.data:
+            self.ensure("annotate")
+        out_dir = self.out / folder
+        module = importlib.import_module(MODULES[stage])
+        step = module.plan(self.recipe, model, out_dir)
+        reason = staleness(out_dir, step)
+        if reason is None:
+            status(f"ablate: reusing {out_dir}")
+        else:
+            status(f"ablate: training {stage} -> {out_dir} ({reason})")
+            start = time.perf_counter()
+            getattr(module, f"run_{stage}")(self.recipe, model, out_dir)
+            self.train_s += time.perf_counter() - start
+        self.models[key] = str(out_dir)
+        return self.models[key]
+
+    def eval_dir(self, variant: Variant) -> Path:
+        return self.out / "ablation" / "eval" / variant.name / f"{self.shots}shot"
+
+    def run_variant(self, variant: Variant) -> dict[str, Any]:
+        from hippocrates.data.io import read_json_object
+        from hippocrates.eval.runner import evaluate, recipe_eval_options, recipe_eval_step
+
+        row: dict[str, Any] = {"name": variant.name, "label": variant.label, "stages": list(variant.stages)}
+        reason = self.skip_reason(variant)
+        if reason:
+            return {**row, "status": "skipped", "reason": reason}
+        self.train_s = 0.0
+        ev = self.recipe.eval
+        try:
+            model = self.ensure(variant.model)
+            options = recipe_eval_options(self.recipe, self.shots, self.limit)
+            step = recipe_eval_step(self.recipe, model, options)
+            start = time.perf_counter()
+            target = self.eval_dir(variant)
+            pipeline_eval = self.out / "eval" / f"{self.shots}shot"
+            reusable = [] if self.force_eval else [d for d in (target, pipeline_eval) if current(d, step)]
+            if reusable:
+                results, where = read_json_object(reusable[0] / "results.json"), reusable[0]
+            else:
+                status(f"ablate: evaluating {variant.label} ({model}) on {', '.join(ev.tasks)}, {self.shots}-shot")
+                results, where = evaluate(model, list(ev.tasks), output_dir=target, recipe=self.recipe, **options), target
+        except HippoError as exc:
+            return {**row, "status": "failed", "reason": str(exc)}
+        tasks = results.get("tasks") or {}
+        acc = {t: (tasks.get(t) or {}).get("acc") for t in ev.tasks}
+        return {
+            **row, "status": "ok", "model_path": model, "results": str(where / "results.json"),
+            "acc": acc, "acc_norm": {t: (tasks.get(t) or {}).get("acc_norm") for t in ev.tasks},
+            "n": {t: (tasks.get(t) or {}).get("n") for t in ev.tasks}, "average": task_average(list(acc.values())),
+            "reused_eval": bool(reusable), "train_s": round(self.train_s, 2),
+            "eval_s": round(time.perf_counter() - start, 2),
+        }  # fmt: skip
+
+
+def write_ablation(out_dir: Path, data: dict[str, Any]) -> None:
+    """ablation.json (everything), .md and .csv (the table), each written atomically."""
+    table = ablation_table(data)
+    write_json(out_dir / "ablation.json", data)
+    write_text(out_dir / "ablation.md", table.markdown())
+    write_text(out_dir / "ablation.csv", table.csv())
+
+
+def run_ablation(
+    recipe: Recipe,
+    *,
+    shots: int | None = None,
+    variants: list[str] | None = None,
+    limit: int | None = None,
+    force_eval: bool = False,
+) -> dict[str, Any]:
+    """Run the ablation of ``recipe``; return (and write to OUTPUT/ablation/) its table data."""
+    names = [v.name for v in VARIANTS]
+    unknown = sorted(set(variants or []) - set(names))
+    if unknown:
+        raise HippoError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    if not recipe.eval.tasks:
+        raise HippoError(f"{recipe.where('eval.tasks')}: empty; the ablation has nothing to measure")
+    k = recipe.eval.num_fewshot[0] if shots is None else shots
+    ablation = Ablation(recipe, k, limit or recipe.eval.limit, force_eval)
+    data: dict[str, Any] = {
+        "recipe": recipe.name, "base_model": recipe.base_model, "num_fewshot": k, "tasks": list(recipe.eval.tasks),
+        "prompt": recipe.eval.prompt, "chat_template": recipe.eval.chat_template, "protocol": recipe.eval.protocol,
+        "limit": ablation.limit, "variants": [],
+    }  # fmt: skip
+    for variant in VARIANTS:
+        if variants and variant.name not in variants:
+            continue
+        data["variants"].append(ablation.run_variant(variant))
+        data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_ablation(ablation.out / "ablation", data)
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("--shots", type=int, default=None, help="few-shot count (default: the recipe's first)")
+    parser.add_argument(
+        "--variants", default=None, help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)}"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items per task")
+    parser.add_argument("--force-eval", action="store_true", help="re-evaluate even when results are current")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hippocrates.lock import hold
+    from hippocrates.preflight import preflight
+
+    if args.shots is not None and args.shots < 0:
+        raise HippoError(f"--shots must be >= 0, got {args.shots}")
+    if args.limit is not None and args.limit < 1:
+        raise HippoError(f"--limit must be >= 1, got {args.limit}")
+    recipe = load_recipe(args.recipe)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    names = {v.name for v in VARIANTS}
+    if variants and not set(variants) <= names:
+        bad = sorted(set(variants) - names)
+        raise HippoError(f"--variants: unknown variant(s) {', '.join(bad)}; choose from {', '.join(sorted(names))}")
+    preflight(recipe, ["ablate"], outputs=[Path(recipe.output_dir) / "ablation"])
+    with hold(recipe.output_dir):
+        data = run_ablation(recipe, shots=args.shots, variants=variants, limit=args.limit, force_eval=args.force_eval)
+    for v in data["variants"]:
+        if v["status"] != "ok":
+            status(f"ablate: {v['label']} {v['status']}: {v.get('reason', '')}")
+    print(ablation_table(data).markdown())
+    print(f"written: {Path(recipe.output_dir) / 'ablation'}/ablation.{{json,md,csv}}")
+    return 1 if any(v["status"] == "failed" for v in data["variants"]) else 0
+

@@ -115,3 +115,33 @@ def make_recipe(root: Path, model: Path, **overrides: Any) -> Path:
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+BENCH = Path(__file__).resolve().parents[1] / "data" / "demo" / "benchmarks"
+EVAL_DATA = {
+    "medqa": str(BENCH / "medqa" / "US_4_options_test.jsonl"),
+    "pubmedqa": str(BENCH / "pubmedqa" / "ori_pqal.json"),
+    "usmle_step1": str(BENCH / "usmle" / "step_exams.jsonl"),
+}
+
+
+def full_recipe(root: Path, model: Path, **overrides: Any) -> Path:
+    """Every stage, the evaluation and both analyses on a tiny model: a whole run in about a minute."""
+    prompts = write_jsonl(
+        root / "data" / "questions.jsonl",
+        [{"id": f"q{i}", "prompt": f"What should I know about point {i}: {t[:50]}?"} for i, t in enumerate(TOPICS)],
+    )
+    everything = {
+        "stages.annotate": {
+            "enabled": True, "prompts": str(prompts), "n_candidates": 2, "max_new_tokens": 8, "batch_size": 8,
+            "judge": {"backend": "local", "model": str(model), "tie_threshold": 0.0},
+        },
+        "stages.dpo.data": [],
+        "eval": {"enabled": True, "tasks": list(EVAL_DATA), "data": EVAL_DATA, "num_fewshot": [0, 1], "limit": 4},
+        "analyses": {
+            "ablation": {"enabled": True, "num_fewshot": 0},
+            "sweep": {"enabled": True, "tasks": ["medqa"], "prompts": ["hippocrates", "letter"],
+                      "chat_template": [False, True], "num_fewshot": [0, 1], "limit": 3},
+        },
+    }  # fmt: skip
+    return make_recipe(root, model, **{**everything, **overrides})

@@ -191,7 +191,6 @@ class Pipeline:
         return Row("report", "ran", output=str(build_report(self.out)))
 
     def run(self) -> list[Row]:
-        self.check_outputs()
         enabled = [*self.recipe.enabled_stages(), "report"]
         for stage in ORDER:
             if stage not in enabled:
@@ -285,11 +284,12 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     stages = selected_stages(recipe, args.stages)
     preflight(recipe, stages)
+    pipeline = Pipeline(recipe, args)
+    pipeline.check_outputs()
     status(f"recipe {args.recipe}: {recipe.name}, base model {recipe.base_model}; every input checked")
     if args.dry_run:
         return dry_run(recipe, args)
     with hold(recipe.output_dir):
-        pipeline = Pipeline(recipe, args)
         try:
             rows = pipeline.run()
         except BaseException:

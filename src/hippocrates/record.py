@@ -143,7 +143,7 @@ class Step:
                 "stage": self.stage,
                 "config": self.config,
                 "model": self.model_fp,
-                "data": self.data,
+                "data": [_identity(d) for d in self.data],
                 "seed": self.seed,
                 "precision": self.precision,
             }
@@ -190,6 +190,14 @@ class Step:
             recipe=recipe_to_dict(recipe) if recipe is not None else None,
             extra=extra or {},
         )
+
+
+def _identity(entry: dict[str, Any]) -> dict[str, Any]:
+    """A data entry as the hash sees it: content (sha256, fingerprint) rather than where it lies,
+    so a run folder or data folder that is moved or copied is still current."""
+    if not any(k.endswith(("sha256", "fingerprint")) for k in entry):
+        return entry
+    return {k: v for k, v in entry.items() if k != "path" and not k.endswith("_path")}
 
 
 def staleness(folder: str | Path, step: Step) -> str | None:

@@ -195,18 +195,18 @@ def sha256_file(path: str | Path) -> str:
 def check_writable(path: str | Path) -> Path:
     """Make sure ``path`` is (or can become) a folder we can write in, before any long work.
 
-    Creates the folder, then writes and removes a probe file, so a read-only mount, a missing
-    permission or a path through a file is one line now rather than a traceback hours later.
+    Writes and removes a probe file in the folder, or in its nearest existing parent when it does
+    not exist yet (nothing is created), so a read-only mount, a missing permission or a path
+    through a file is one line now rather than a traceback hours later.
     """
     p = Path(path)
-    for parent in [p, *p.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise HippoError(f"{parent}: is a file, so {p} cannot be a folder")
-            break
+    existing = next((q for q in [p, *p.parents] if q.exists()), None)
+    if existing is None:
+        raise HippoError(f"{p}: no existing parent folder")
+    if not existing.is_dir():
+        raise HippoError(f"{existing}: is a file, so {p} cannot be a folder")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=p)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

@@ -1,9 +1,10 @@
-"""The run report from synthetic run directories: complete, partial, empty and corrupted ones."""
+"""The run report of a real (tiny) run, and of partial, empty and corrupted copies of it."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,6 @@ import pytest
 from hippocrates.cli import main
 from hippocrates.eval.calibration import calibration_table
 from hippocrates.report.build import build_report
-from hippocrates.report.synthetic import make_synthetic_run
 from hippocrates.report.tables import Table, ablation_table
 
 SECTIONS = ["manifest", "training", "eval", "ablation", "prompting", "calibration"]
@@ -25,31 +25,33 @@ def _missing(html: str, section: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def full_report(tmp_path_factory) -> tuple[Path, str, str]:
-    run = make_synthetic_run(tmp_path_factory.mktemp("full") / "run")
-    path = build_report(run)
-    return run, path.read_text(encoding="utf-8"), (path.parent / "report.md").read_text(encoding="utf-8")
+def full_report(tiny_run) -> tuple[Path, str, str]:
+    """The report the pipeline wrote at the end of the tiny run."""
+    path = tiny_run / "report" / "report.html"
+    return tiny_run, path.read_text(encoding="utf-8"), (path.parent / "report.md").read_text(encoding="utf-8")
+
+
+def partial(tiny_run: Path, where: Path, keep: tuple[str, ...]) -> Path:
+    """A copy of the real run with only some of its folders (what a report must survive)."""
+    where.mkdir(parents=True)
+    for name in keep:
+        shutil.copytree(tiny_run / name, where / name)
+    return where
 
 
 def test_full_run_report_is_self_contained_and_complete(full_report) -> None:
     run, html, md = full_report
     assert re.findall(r'<section id="(\w+)">', html) == SECTIONS
     assert 'class="missing"' not in html and "Missing" not in md
+    # 3 training curves + (2 final-model shot counts + 5 ablation variants) x (reliability + density)
     assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 7 * 2
     assert not re.search(r'(src|href)="(?!data:|#)', html)  # no file or network assets
     assert "<script" not in html and "default-src 'none'" in html
     assert sorted(p.name for p in (run / "report").iterdir()) == ["report.html", "report.md"]  # no temp files
-    for text in (
-        "| +CPT+SFT+DPO |",
-        "## Calibration",
-        "| Package | cpt | sft | annotate | dpo |",
-        "train_tokens=51,200",
-    ):
+    for text in ("| +CPT+SFT+DPO |", "## Calibration", "| Package | cpt | sft | annotate | dpo |", "of the weight update kept"):
         assert text in md
     manifest_rows = [line for line in md.splitlines() if line.startswith("| sft | ")]
-    assert (
-        "fingerprint" not in manifest_rows[0] and "| RUN/cpt |" in manifest_rows[0]
-    )  # the input model's path
+    assert "| RUN/cpt |" in manifest_rows[0]  # the input model's path, not its fingerprint
     assert "Prompting strategies: accuracy (%)" in md and "| letter | no | 0 |" in md
 
 
@@ -60,14 +62,14 @@ def test_report_numbers_match_the_sources(full_report) -> None:
     assert f"| Base | {100 * base['acc']['medqa']:.1f} |" in md
     results = json.loads((run / "eval" / "0shot" / "results.json").read_text())
     medqa = results["tasks"]["medqa"]
-    assert f"| medqa | 120 | {100 * medqa['acc']:.1f} ± {100 * medqa['acc_stderr']:.1f} |" in md
+    assert f"| medqa | 4 | {100 * medqa['acc']:.1f} ± {100 * medqa['acc_stderr']:.1f} |" in md
     (row,) = calibration_table([run / "eval" / "0shot" / "samples_medqa.jsonl"])
     line = next(x for x in md.splitlines() if x.startswith("| final model | 0 | medqa |"))
     assert f"| {row['ece']:.3f} | {row['ece_mass']:.3f} | {row['mce']:.3f} | {row['brier']:.3f} |" in line
 
 
-def test_partial_run_says_what_is_missing(tmp_path: Path) -> None:
-    run = make_synthetic_run(tmp_path / "run", stages=("cpt", "sft"), shots=(), ablation=False, sweep=False)
+def test_partial_run_says_what_is_missing(tiny_run, tmp_path: Path) -> None:
+    run = partial(tiny_run, tmp_path / "run", ("cpt", "sft"))
     html = build_report(run).read_text(encoding="utf-8")
     md = (run / "report" / "report.md").read_text(encoding="utf-8")
     assert "annotate/: stage output not found" in _missing(html, "manifest")
@@ -80,44 +82,39 @@ def test_partial_run_says_what_is_missing(tmp_path: Path) -> None:
     assert html.count("<img") == 2  # the two training curves that exist
 
 
-def test_empty_dir_and_corrupt_files_degrade_to_notices(tmp_path: Path) -> None:
+def test_empty_dir_and_corrupt_files_degrade_to_notices(tiny_run, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     html = build_report(empty).read_text(encoding="utf-8")
     assert all(_missing(html, s) for s in SECTIONS)
 
-    run = make_synthetic_run(tmp_path / "run", stages=("cpt",), shots=(0,), ablation=False, sweep=False)
+    run = partial(tiny_run, tmp_path / "run", ("cpt", "eval"))
     (run / "cpt" / "metrics.json").write_text('{"stage": "cpt", "log_history": [')  # a torn write
     (run / "eval" / "0shot" / "samples_pubmedqa.jsonl").unlink()
-    with open(run / "eval" / "0shot" / "samples_medmcqa.jsonl", "a") as fh:
+    with open(run / "eval" / "0shot" / "samples_usmle_step1.jsonl", "a") as fh:
         fh.write("{not json\n")
     (run / "sweep").mkdir()
     (run / "sweep" / "sweep.json").write_text("[1, 2]")  # valid JSON, wrong shape
+    (run / "eval" / "1shot" / "results.json").write_bytes(b"\xff\xfe not utf-8")
     html = build_report(run).read_text(encoding="utf-8")
+    md = (run / "report" / "report.md").read_text()
     assert "cpt/metrics.json: unreadable" in _missing(html, "training")
-    assert (
-        "could not build" not in html
-        and "| cpt | smollm2-135m | 42 |" in (run / "report" / "report.md").read_text()
-    )
+    assert "could not build" not in html and "| cpt | " in md
     calib = _missing(html, "calibration")
     assert "eval/0shot/samples_pubmedqa.jsonl: not found" in calib
-    assert "samples_medmcqa.jsonl: unreadable" in calib and "malformed JSON" in calib
+    assert "samples_usmle_step1.jsonl: unreadable" in calib and "malformed JSON" in calib
     assert "sweep/sweep.json" in _missing(html, "prompting")
-    assert "| final model | 0 | medqa |" in (run / "report" / "report.md").read_text()
+    assert "eval/1shot/results.json: unreadable" in _missing(html, "eval") and "not UTF-8" in _missing(html, "eval")
+    assert "| final model | 0 | medqa |" in md
 
 
-def test_cli(tmp_path: Path, capsys) -> None:
+def test_cli(tiny_run, tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"hippo report: error: {tmp_path / 'nope'}: run directory not found"
-    run = make_synthetic_run(
-        tmp_path / "run", stages=(), shots=(0,), ablation=False, sweep=False, tasks={"medqa": 4}
-    )
+    run = partial(tiny_run, tmp_path / "run", ("eval",))
     assert main(["report", str(run), "--output", str(tmp_path / "out"), "--bins", "5"]) == 0
-    assert capsys.readouterr().out.split() == [
-        str(tmp_path / "out" / "report.html"),
-        str(tmp_path / "out" / "report.md"),
-    ]
+    assert capsys.readouterr().out.split() == [str(tmp_path / "out" / "report.html"), str(tmp_path / "out" / "report.md")]
     assert "5 equal-width bins" in (tmp_path / "out" / "report.md").read_text()
     assert main(["report", str(run), "--bins", "0"]) == 2
 

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from hippocrates.report.build import build_report
-from hippocrates.report.synthetic import make_synthetic_run
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -185,8 +184,17 @@ def browser(tmp_path_factory):
     b.close()
 
 
-def test_report_renders_in_chromium(browser: Browser, tmp_path: Path) -> None:
-    html_path = build_report(make_synthetic_run(tmp_path / "run"))
+def _copy(tiny_run: Path, where: Path, keep: tuple[str, ...] | None = None) -> Path:
+    if keep is None:
+        shutil.copytree(tiny_run, where)
+    else:
+        for name in keep:
+            shutil.copytree(tiny_run / name, where / name)
+    return where
+
+
+def test_report_renders_in_chromium(browser: Browser, tiny_run: Path, tmp_path: Path) -> None:
+    html_path = build_report(_copy(tiny_run, tmp_path / "run"))
     page = browser.open(html_path.as_uri())
 
     assert page["title"] == "Hippocrates report: run"
@@ -204,9 +212,9 @@ def test_report_renders_in_chromium(browser: Browser, tmp_path: Path) -> None:
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
 
 
-def test_probe_catches_broken_images_and_network_use(browser: Browser, tmp_path: Path) -> None:
+def test_probe_catches_broken_images_and_network_use(browser: Browser, tiny_run: Path, tmp_path: Path) -> None:
     """The checks above can fail: an undecodable image and a remote one are both reported."""
-    html_path = build_report(make_synthetic_run(tmp_path / "run", shots=(0,), ablation=False, sweep=False))
+    html_path = build_report(_copy(tiny_run, tmp_path / "run", ("cpt", "eval")))
     text = html_path.read_text(encoding="utf-8").replace(
         "</main>",
         '<img alt="bad" src="data:image/png;base64,AAAA"><img alt="remote" src="https://example.com/x.png"></main>',
@@ -219,12 +227,10 @@ def test_probe_catches_broken_images_and_network_use(browser: Browser, tmp_path:
     assert any("Content Security Policy" in e or "example.com" in e for e in browser.console_errors())
 
 
-def test_partial_run_report_renders_with_missing_notices(browser: Browser, tmp_path: Path) -> None:
-    html_path = build_report(
-        make_synthetic_run(tmp_path / "run", stages=("cpt",), shots=(0,), ablation=False, sweep=False)
-    )
+def test_partial_run_report_renders_with_missing_notices(browser: Browser, tiny_run: Path, tmp_path: Path) -> None:
+    html_path = build_report(_copy(tiny_run, tmp_path / "run", ("cpt", "eval")))
     page = browser.open(html_path.as_uri())
-    assert page["broken"] == [] and page["images"] == 1 + 2
+    assert page["broken"] == [] and page["images"] == 1 + 2 * 2
     assert page["missing"] >= 4  # manifest, training, ablation, prompting
     assert browser.console_errors() == []
     browser.screenshot(ARTIFACTS / "report-partial.png")

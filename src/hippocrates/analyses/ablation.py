@@ -136,12 +136,20 @@ class Ablation:
         tasks = results.get("tasks") or {}
         acc = {t: (tasks.get(t) or {}).get("acc") for t in ev.tasks}
         return {
-            **row, "status": "ok", "model_path": model, "results": str(where / "results.json"),
+            **row, "status": "ok", "model_path": model, "results": _relative(where / "results.json", self.out),
             "acc": acc, "acc_norm": {t: (tasks.get(t) or {}).get("acc_norm") for t in ev.tasks},
             "n": {t: (tasks.get(t) or {}).get("n") for t in ev.tasks}, "average": task_average(list(acc.values())),
             "reused_eval": bool(reusable), "train_s": round(self.train_s, 2),
             "eval_s": round(time.perf_counter() - start, 2),
         }  # fmt: skip
+
+
+def _relative(path: Path, root: Path) -> str:
+    """A path inside the run folder relative to it, so a moved or copied run still finds its files."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def write_ablation(out_dir: Path, data: dict[str, Any]) -> None:

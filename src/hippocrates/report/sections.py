@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -93,7 +94,7 @@ def _quiet_json(path: Path) -> dict[str, Any]:
 
 
 def pick(record: dict[str, Any] | None, *keys: str) -> Any:
-    """The first present, non-empty value among ``keys`` (manifests name some fields variously)."""
+    """The first present, non-empty value among ``keys``."""
     for key in keys:
         if record and record.get(key) not in (None, "", [], {}):
             return record[key]
@@ -109,22 +110,6 @@ def _flat_numbers(record: Any, prefix: str = "", depth: int = 2) -> dict[str, fl
                 out[name] = value
             elif isinstance(value, dict):
                 out.update(_flat_numbers(value, f"{name}.", depth - 1))
-    return out
-
-
-def _data_files(manifest: dict[str, Any]) -> list[tuple[str, str | None]]:
-    """(path, sha256) pairs from a manifest's data listing, whether a dict or a list of records."""
-    raw = pick(manifest, "data_files", "data", "files", "inputs", "data_sha256")
-    out: list[tuple[str, str | None]] = []
-    if isinstance(raw, dict):
-        for path, value in raw.items():
-            out.append((path, value.get("sha256") if isinstance(value, dict) else str(value)))
-    elif isinstance(raw, list):
-        for item in raw:
-            if isinstance(item, dict):
-                out.append((str(pick(item, "path", "file", "name") or "?"), pick(item, "sha256", "sha")))
-            else:
-                out.append((str(item), None))
     return out
 
 
@@ -154,52 +139,43 @@ def _duration(seconds: Any) -> str | None:
     return f"{minutes}m {sec:02d}s" if minutes else f"{seconds:.1f}s"
 
 
-def _model_path(value: Any) -> Any:
-    """Manifests record the input model as a path or as {path, fingerprint}."""
-    return value.get("path") if isinstance(value, dict) else value
-
-
 def manifest_section(run: Path) -> Section:
     """Per stage: input model, seed, timings, token counts, data files with sha256 and versions."""
+    from hippocrates.record import MANIFEST, read_manifest
+
     s = Section("manifest", "Run manifest")
     rows, files, versions, raw = [], [], {}, []
     for stage in TRAIN_STAGES:
         if not (run / stage).is_dir():
             s.missing.append(f"{stage}/: stage output not found (not run yet, disabled, or failed)")
             continue
-        man = s.load(run, f"{stage}/manifest.json")
-        if not isinstance(man, dict):
+        man = read_manifest(run / stage)
+        if man is None:
+            s.missing.append(f"{stage}/{MANIFEST}: missing or not a Hippocrates manifest")
             continue
         met = _quiet_json(run / stage / "metrics.json")  # its problems are the Training section's
-        config = pick(man, "config", "recipe") or {}
-        tokens = {
-            k: v
-            for k, v in {**_flat_numbers(man), **_flat_numbers(met)}.items()
-            if "token" in k.lower() and not k.startswith(("config.", "recipe.")) and "max_" not in k
-        }
+        tokens = {k: v for k, v in _flat_numbers(met).items() if "token" in k.lower() and "max_" not in k}
         rows.append([
             stage,
-            short_path(_model_path(pick(man, "model_path", "input_model", "base_model", "base", "model")), run),
-            pick(man, "seed") if pick(man, "seed") is not None else pick(config, "seed"),
-            when(pick(man, "start", "started", "start_time", "started_at", "created")),
-            when(pick(man, "end", "finished", "end_time", "finished_at")),
-            _duration(pick(man, "duration_s", "elapsed_s", "wall_time_s") or pick(met, "train_runtime")),
+            short_path(man.input_model.path if man.input_model else None, run),
+            man.seed,
+            when(man.started),
+            when(man.finished),
+            _duration(man.duration_s),
             ", ".join(f"{k}={int(v):,}" for k, v in tokens.items()) or None,
-            str(pick(man, "git_commit", "git", "commit") or "")[:12] or None,
+            (man.git_commit or "")[:12] or None,
         ])  # fmt: skip
-        files += [[stage, path, sha] for path, sha in _data_files(man)]
-        for pkg, ver in (pick(man, "versions", "package_versions", "packages") or {}).items():
+        files += [[stage, d.get("path", "?"), d.get("sha256") or d.get("fingerprint")] for d in man.data]
+        for pkg, ver in man.packages.items():
             versions.setdefault(pkg, {})[stage] = ver
-        raw.append((f"{stage}/manifest.json", json.dumps(man, indent=2, default=str)))
+        raw.append((f"{stage}/{MANIFEST}", json.dumps(man.model_dump(mode="json"), indent=2, default=str)))
     if rows:
         s.table(Table(["Stage", "Input model", "Seed", "Start", "End", "Duration", "Tokens", "Git"], rows))
     if files:
         s.table(Table(["Stage", "Data file", "sha256"], files, caption="Data files"))
     if versions:
         stages = [r[0] for r in rows]
-        table = Table(
-            ["Package", *stages], [[p, *[v.get(st) for st in stages]] for p, v in sorted(versions.items())]
-        )
+        table = Table(["Package", *stages], [[p, *[v.get(st) for st in stages]] for p, v in sorted(versions.items())])
         table.caption = "Package versions"
         s.table(table)
     for name, text in raw:
@@ -219,6 +195,11 @@ def training_section(run: Path) -> Section:
             continue
         s.heading(stage.upper())
         scalars = [[k, v] for k, v in met.items() if isinstance(v, int | float | str) and k != "stage"]
+        merge = met.get("merge")
+        if isinstance(merge, dict) and isinstance(merge.get("update_retained"), float):
+            scalars.append(["merge", f"merged in fp32, stored as {merge.get('dtype')}: "
+                            f"{100 * merge['update_retained']:.2f}% of the weight update kept, "
+                            f"max |Δ logit| {merge.get('max_abs_logit_diff')}"])  # fmt: skip
         if scalars:
             s.table(Table(["Metric", "Value"], scalars))
         history = met.get("log_history") or []
@@ -246,17 +227,21 @@ def _pm(value: Any, err: Any) -> str | None:
     return f"{100 * value:.1f} ± {100 * err:.1f}" if isinstance(err, int | float) else f"{100 * value:.1f}"
 
 
-def _variant_labels(run: Path) -> dict[str, str]:
-    """Variant name -> label ("+CPT") from ablation.json, in the ablation's order."""
-    variants = _quiet_json(run / "ablation" / "ablation.json").get("variants") or []
-    return {v["name"]: v.get("label", v["name"]) for v in variants if isinstance(v, dict) and "name" in v}
+def _rel(path: Path, run: Path) -> str:
+    """``path`` relative to the run folder when inside it (as the report names files), else as is."""
+    return os.path.relpath(path, run) if path.resolve().is_relative_to(run.resolve()) else str(path)
 
 
-def _variant_dirs(run: Path, labels: dict[str, str]) -> list[Path]:
-    """The ablation's per-variant eval dirs, in the ablation's order (then any others by name)."""
-    root = run / "ablation" / "eval"
-    found = {p.name: p for p in root.glob("*") if p.is_dir()} if root.is_dir() else {}
-    return [found[n] for n in labels if n in found] + [found[n] for n in sorted(found) if n not in labels]
+def variant_runs(run: Path) -> list[tuple[str, str, int, Path]]:
+    """(name, label, shots, folder) of each evaluated ablation variant, from ablation.json."""
+    data = _quiet_json(run / "ablation" / "ablation.json")
+    out = []
+    for v in data.get("variants") or []:
+        if isinstance(v, dict) and v.get("status") == "ok" and isinstance(v.get("results"), str):
+            path = Path(v["results"])
+            folder = (run / path if not path.is_absolute() else path).parent
+            out.append((v["name"], v.get("label", v["name"]), int(data.get("num_fewshot") or 0), folder))
+    return out
 
 
 def eval_section(run: Path) -> Section:
@@ -283,21 +268,16 @@ def eval_section(run: Path) -> Section:
             for task, t in (res.get("tasks") or {}).items()
         ]  # fmt: skip
         s.table(Table(["Task", "n", "acc (%)", "acc_norm (%)", "ECE", "Brier", "Skipped", "Time (s)"], rows))
-    labels = _variant_labels(run)
-    stage_dirs = _variant_dirs(run, labels)
     by_shots: dict[int, dict[str, dict[str, Any]]] = {}
-    for variant in stage_dirs:
-        for shots, d in eval_runs(variant):
-            res = s.load(run, f"ablation/eval/{variant.name}/{d.name}/results.json")
-            if isinstance(res, dict) and isinstance(res.get("tasks"), dict):
-                by_shots.setdefault(shots, {})[variant.name] = res["tasks"]
+    for _, label, shots, folder in variant_runs(run):
+        res = s.load(run, _rel(folder / "results.json", run))
+        if isinstance(res, dict) and isinstance(res.get("tasks"), dict):
+            by_shots.setdefault(shots, {})[label] = res["tasks"]
     for shots, stages in sorted(by_shots.items()):
         tasks = list(dict.fromkeys(t for res in stages.values() for t in res))
         names = list(stages)
         rows = [[task, *[(stages[n].get(task) or {}).get("acc") for n in names]] for task in tasks]
-        table = Table(
-            ["Task", *[labels.get(n, n) for n in names]], rows, percent=set(range(1, len(names) + 1))
-        )
+        table = Table(["Task", *names], rows, percent=set(range(1, len(names) + 1)))
         table.caption = f"Per stage, {shots}-shot accuracy (%) (from the ablation's evaluations)"
         s.table(table)
     return s
@@ -344,17 +324,15 @@ def _samples_of(run: Path, d: Path, s: Section) -> list[Path]:
         if (d / f"samples_{task}.jsonl").is_file():
             paths.append(d / f"samples_{task}.jsonl")
         else:
-            s.missing.append(f"{d.relative_to(run)}/samples_{task}.jsonl: not found")
+            s.missing.append(f"{_rel(d, run)}/samples_{task}.jsonl: not found")
     return paths + sorted(p for p in d.glob("samples_*.jsonl") if p not in paths)
 
 
 def calibration_section(run: Path, n_bins: int = cal.DEFAULT_BINS) -> Section:
     """ECE/MCE/Brier table, reliability diagrams and confidence densities per task, stage and shots."""
     s = Section("calibration", "Calibration")
-    labels = _variant_labels(run)
     groups = [("final model", d) for _, d in eval_runs(run / "eval")]
-    for variant in _variant_dirs(run, labels):
-        groups += [(labels.get(variant.name, variant.name), d) for _, d in eval_runs(variant)]
+    groups += [(label, folder) for _, label, _, folder in variant_runs(run)]
     if not groups:
         s.missing.append("eval/<K>shot/samples_<task>.jsonl: no evaluation samples to calibrate")
         return s
@@ -371,7 +349,7 @@ def calibration_section(run: Path, n_bins: int = cal.DEFAULT_BINS) -> Section:
                 (row,) = cal.calibration_table([path], n_bins=n_bins)
                 samples, _ = cal.load_samples(path)
             except HippoError as exc:
-                s.missing.append(f"{path.relative_to(run)}: unreadable ({str(exc).split(': ', 1)[-1]})")
+                s.missing.append(f"{_rel(path, run)}: unreadable ({str(exc).split(': ', 1)[-1]})")
                 continue
             rows.append([label, row["shots"], row["task"], row["n"], row["acc"], row["confidence"], row["ece"],
                          row["ece_mass"], row["mce"], row["brier"], row["nll"], row.get("ts_temperature"),

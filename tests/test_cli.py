@@ -32,12 +32,6 @@ def test_every_subcommand_has_landed():
     assert [n for n, (module, _) in COMMANDS.items() if module is None] == []
 
 
-def test_an_unlanded_subcommand_exits_2(monkeypatch, capsys):
-    monkeypatch.setitem(COMMANDS, "future", (None, "a command whose issue is still open"))
-    assert main(["future"]) == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 def test_no_command_prints_help_and_exits_2(capsys):
     assert main([]) == 2
     assert "usage: hippo" in capsys.readouterr().out

@@ -18,7 +18,7 @@ LIMIT = 3
     ("tasks", "prompt", "shots", "chat", "max_length"),
     [
         (["medqa", "usmle_step1"], "hippocrates", 2, False, None),
-        (["medmcqa", "pubmedqa_all"], "cot", 1, True, None),
+        (["medmcqa", "pubmedqa_all"], "stepwise", 1, True, None),
         (["usmle_step2"], "letter", 1, False, 96),  # a window shorter than the prompts: left truncation
     ],
 )

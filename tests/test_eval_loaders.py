@@ -140,7 +140,8 @@ def test_generic_mc_task_from_yaml(tmp_path, columns, record, gold):
     (tmp_path / "quiz.yaml").write_text(
         f"task: quiz\nformat: mc\nanswer_format: {fmt}\n" + (f"columns:\n{columns}" if columns else "")
     )
-    (tmp_path / "quiz.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    second = {**record, "question": "another q"}
+    (tmp_path / "quiz.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(second) + "\n")
     spec = resolve_tasks(["quiz"], task_dirs=[tmp_path])[0]
     data = load_task(spec, data=str(tmp_path / "quiz.jsonl"))
     assert [it.gold for it in data.items] == [gold, gold] and [it.id for it in data.items] == [

@@ -33,13 +33,13 @@ def test_letter_prompt_is_todays_lm_eval():
     assert q.context == "Question: Q0?\nA. a0\nB. b0\nC. c0\nAnswer:"
 
 
-def test_pubmedqa_prompt_and_cot_preamble():
+def test_pubmedqa_prompt_and_stepwise_preamble():
     data = load_task(resolve_tasks(["pubmedqa"])[0], data_dir=str(DEMO))
     item = data.items[0]
     (p,) = build_prompts(data, [item])
     assert p.context == f"Abstract: {item.context}\nQuestion: {item.question}\nAnswer:"
     assert p.continuations == [" yes", " no", " maybe"]
-    (c,) = build_prompts(data, [item], strategy="cot")
+    (c,) = build_prompts(data, [item], strategy="stepwise")
     assert c.context.endswith(p.context) and "step by step" in c.context.split("\n\n")[0]
 
 

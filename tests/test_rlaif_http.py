@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hippocrates.config import JudgeConfig
+from hippocrates.config import JudgeSettings
 from hippocrates.errors import HippoError
 from hippocrates.rlaif.cache import JudgeCache
 from hippocrates.rlaif.http_judge import HTTPJudge
@@ -161,7 +161,7 @@ def test_a_crash_keeps_every_answer_already_received(server: FaultyServer, tmp_p
 
 def test_api_key_goes_only_into_the_header(server: FaultyServer, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HIPPO_TEST_JUDGE_KEY", "sk-test-sekrit")
-    config = JudgeConfig(
+    config = JudgeSettings(
         backend="http",
         base_url=server.base_url,
         model="fake-judge",

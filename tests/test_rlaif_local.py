@@ -161,7 +161,7 @@ def test_hippo_annotate_end_to_end(tmp_path: Path, tiny_llama_dir: Path, capsys)
         and agreement["n"] + agreement["failed"] == agreement["pairs"]
     )
     assert (out / "agreement.jsonl").is_file()
-    assert manifest["stage"] == "annotate" and manifest["rubric"]["version"] == "1.0"
+    assert manifest["stage"] == "annotate" and manifest["extra"]["rubric"]["version"] == "1.0"
     assert manifest["data"][0]["sha256"] and manifest["inputs_hash"]
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".annotate")]  # no temp dirs left
 

@@ -54,7 +54,7 @@ def test_killed_stage_resumes_to_the_same_adapter(tmp_path, tiny_llama_dir):
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     recipe = load_recipe(path)
     out = Path(recipe.output_dir)
-    assert (out / ".work" / "sft" / "checkpoint-2").is_dir() and not (out / "sft").exists()
+    assert (out / ".sft.work" / "checkpoint-2").is_dir() and not (out / "sft").exists()
 
     changed = make_recipe(
         tmp_path / "c", tiny_llama_dir, **overrides, **{"stages.sft.train.learning_rate": 0.5}

@@ -61,7 +61,7 @@ def test_stage_writes_the_contract_layout(chain, stage):
     config = json.loads((out / stage / "config.json").read_text())
     assert "quantization_config" not in config
     assert "LoRA" in (out / stage / "README.md").read_text()
-    assert not (out / ".work" / stage).exists(), "checkpoints are removed after success"
+    assert not (out / f".{stage}.work").exists(), "checkpoints are removed after success"
     assert not list(out.glob(f".{stage}.tmp-*")), "no temp dirs left behind"
 
 
@@ -91,7 +91,7 @@ def test_metrics(chain):
     # weights 1 : 2 over 16 + 4 records: 7 general (sub-sampled) + 13 evaluation (up-sampled) = 20
     assert sft["train_samples"] + sft["dropped_no_response"] == 20
     assert dpo["identical_dropped"] == 1 and dpo["pairs"] == 17
-    assert dpo["eval_reward_accuracy_before"] == 0.0  # policy == reference: every reward is 0
+    assert dpo["eval_reward_accuracy_before"] == 0.5  # policy == reference: every reward is 0, a tie counts 1/2
     assert dpo["eval_reward_accuracy_after"] is not None and "eval_reward_margin" in dpo
     assert json.loads((out / "dpo" / "metrics.json").read_text())["stage"] == "dpo"
 
@@ -124,7 +124,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_llama_di
     # missing field
     write_jsonl(bad, [{"instruction": "x"}])
     _expect_error(
-        ["sft", str(recipe), "--model", str(tiny_llama_dir)], capsys, f"{bad}:1", "instruction record"
+        ["sft", str(recipe), "--model", str(tiny_llama_dir)], capsys, f"{bad}:1", "not a training record"
     )
     # empty dataset
     bad.write_text("")

@@ -99,15 +99,16 @@ def _files(folder: Path) -> dict[str, int]:
     return {
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != COMPLETE
+        if p.is_file() and not p.name.startswith(Path(COMPLETE).stem)
     }
 
 
 def mark_complete(folder: Path) -> None:
     """Record every file of a finished checkpoint with its size (then it counts as complete)."""
     path = folder / COMPLETE
+    files = _files(folder)
     with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as fh:
-        json.dump({"files": _files(folder)}, fh)
+        json.dump({"files": files}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(path.with_suffix(".tmp"), path)

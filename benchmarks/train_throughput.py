@@ -94,15 +94,14 @@ def examples(n: int) -> list[dict[str, str]]:
 
 
 def load(args):
-    from hippocrates.config import LoraConfig
+    from hippocrates.config import LoRASettings
     from hippocrates.models import load_model, load_tokenizer
-    from hippocrates.stages.common import drop_inert_quantizer, peft_config
+    from hippocrates.stages.run import peft_config
 
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, precision=args.precision)
-    drop_inert_quantizer(model)
     model.config.use_cache = False
-    return model, tokenizer, peft_config(LoraConfig(r=16, alpha=32, dropout=0.0))
+    return model, tokenizer, peft_config(LoRASettings(r=16, alpha=32, dropout=0.0))
 
 
 def common_args(args, batch: int) -> dict[str, Any]:
@@ -134,21 +133,32 @@ def run_one(args) -> dict[str, Any]:
     exs = examples(args.samples)
     from collections import Counter as Count
 
-    from hippocrates.stages.modeling import MaskedLMTrainer, PackedCollator, install_masked_head, make_rows
-    from hippocrates.stages.sft import encode, user_message
+    from hippocrates import chat
+    from hippocrates.stages.modeling import PackedCollator, SupervisedTokenTrainer
+    from hippocrates.stages.packing import make_rows
 
-    samples = [s for s in (encode(tokenizer, "chat", ex, args.max_len, Count()) for ex in exs) if s]
+    def user_message(conversation):
+        return next(
+            m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")
+            for m in conversation
+            if m["role"] == "user"
+        )
+
+    def answer(conversation):
+        return conversation[-1]["content"]
+
+    encoded = (chat.encode(tokenizer, ex, "chat", max_len=args.max_len, stats=Count()) for ex in exs)
+    samples = [s for s in encoded if s]
     mean_len = sum(len(s["input_ids"]) for s in samples) / len(samples)
     packed_batch = max(1, round(args.batch * mean_len / args.max_len))
     times = timing_callback()
     if args.one in ("ours", "sft_mem"):
         from peft import get_peft_model
 
-        install_masked_head(model)
         model = get_peft_model(model, lora)
         packing = args.one == "ours"
         rows = make_rows(samples, args.max_len, packing)
-        trainer: Trainer = MaskedLMTrainer(
+        trainer: Trainer = SupervisedTokenTrainer(
             model=model,
             args=TrainingArguments(**common_args(args, packed_batch if packing else args.batch)),
             train_dataset=rows,
@@ -163,7 +173,7 @@ def run_one(args) -> dict[str, Any]:
             [
                 {
                     "prompt": [{"role": "user", "content": user_message(ex)}],
-                    "completion": [{"role": "assistant", "content": ex["output"]}],
+                    "completion": [{"role": "assistant", "content": answer(ex)}],
                 }
                 for ex in exs
             ]
@@ -190,8 +200,8 @@ def run_one(args) -> dict[str, Any]:
         pairs = [
             {
                 "prompt": [{"role": "user", "content": user_message(ex)}],
-                "chosen": [{"role": "assistant", "content": ex["output"]}],
-                "rejected": [{"role": "assistant", "content": exs[(i + 1) % len(exs)]["output"]}],
+                "chosen": [{"role": "assistant", "content": answer(ex)}],
+                "rejected": [{"role": "assistant", "content": answer(exs[(i + 1) % len(exs)])}],
             }
             for i, ex in enumerate(exs)
         ]

@@ -89,18 +89,24 @@ def make_sentencepiece_tokenizer(path: Path, *, legacy: bool = False, chat_templ
     from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
     texts = [json.loads(line)["text"] for line in (DEMO / "cpt" / "train.jsonl").read_text().splitlines()]
-    texts += [json.loads(line)["output"] for line in (DEMO / "instructions" / "general.jsonl").read_text().splitlines()]
+    texts += [
+        json.loads(line)["output"]
+        for line in (DEMO / "instructions" / "general.jsonl").read_text().splitlines()
+    ]
     learner = Tokenizer(models.BPE(unk_token="<unk>"))
     learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     learner.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+        texts,
+        trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False),
     )
     learned = json.loads(learner.to_str())["model"]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     for piece in sorted(learned["vocab"], key=learned["vocab"].get):
         vocab.setdefault(piece, len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]

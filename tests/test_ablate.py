@@ -29,7 +29,9 @@ def test_the_pipeline_ablation_has_every_variant(tiny_run):
     assert [v["name"] for v in data["variants"]] == ["base", "cpt", "sft_from_base", "cpt_sft", "cpt_sft_dpo"]
     assert all(v["status"] == "ok" and v["n"]["medqa"] == 4 for v in data["variants"])
     final = data["variants"][-1]
-    assert final["reused_eval"] and final["results"] == "eval/0shot/results.json"  # relative: the run can move
+    assert (
+        final["reused_eval"] and final["results"] == "eval/0shot/results.json"
+    )  # relative: the run can move
     assert read_manifest(tiny_run / "ablation" / "sft_from_base").input_model.path.endswith("tiny-llama0")
     assert "| +CPT+SFT+DPO |" in (tiny_run / "ablation" / "ablation.md").read_text()
 
@@ -65,7 +67,13 @@ def test_changed_lora_rank_and_learning_rate_retrain(copied_run):
         assert after[stage] != before[stage], f"{stage} was reused although its inputs changed"
     assert read_manifest(out / "cpt").config["lora"]["r"] == 8
     reused = {v["name"]: v["reused_eval"] for v in data["variants"]}
-    assert reused == {"base": True, "cpt": False, "sft_from_base": False, "cpt_sft": False, "cpt_sft_dpo": False}
+    assert reused == {
+        "base": True,
+        "cpt": False,
+        "sft_from_base": False,
+        "cpt_sft": False,
+        "cpt_sft_dpo": False,
+    }
     again = run_ablation(load_recipe(copied_run))
     assert fingerprints(out) == after and all(v["reused_eval"] for v in again["variants"])
 
@@ -94,7 +102,9 @@ def test_sweep_loads_the_model_once_and_reuses_combinations(tiny_llama_dir, tmp_
 
     loads = []
     real = runner.LoadedModel.load.__func__
-    monkeypatch.setattr(runner.LoadedModel, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    monkeypatch.setattr(
+        runner.LoadedModel, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k))
+    )
     data = {"medqa": str(DEMO / "benchmarks" / "medqa" / "US_4_options_test.jsonl")}
     first = run_sweep(str(tiny_llama_dir), ["medqa"], data, ["hippocrates", "letter"], [False, True], [0, 1],
                       tmp_path / "sweep", limit=2)  # fmt: skip

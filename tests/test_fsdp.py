@@ -20,7 +20,7 @@ import sys
 
 from test_distributed import free_port
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys, torch, torch.distributed as dist
 from pathlib import Path
 from torch.distributed.fsdp import fully_shard
@@ -69,7 +69,7 @@ if rank == 0:
                                   "final": final, "reloaded": float(m_nll / m_n), "merge": record}), flush=True)
 dist.barrier()
 dist.destroy_process_group()
-'''
+"""
 
 
 def test_fsdp2_sharded_lora_saves_and_merges(tmp_path, tiny_llama_dir):

@@ -64,7 +64,9 @@ def test_dpo_sized_update_survives_the_merge(bf16_model_and_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
     root, deltas = bf16_model_and_adapter
-    rms = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()) / sum(d.numel() for d in deltas.values()))
+    rms = math.sqrt(
+        sum(float(d.pow(2).sum()) for d in deltas.values()) / sum(d.numel() for d in deltas.values())
+    )
     assert 3e-5 < rms < 2e-4
 
     # what merging into the bf16 model loses (the way stages merged before): much of the update
@@ -79,12 +81,18 @@ def test_dpo_sized_update_survives_the_merge(bf16_model_and_adapter, tmp_path):
     assert kept >= 0.99 and record["update_retained"] >= 0.99
     assert abs(record["update_retained"] - kept) < 1e-3  # the record describes the saved weights
     assert record["dtype"] == "fp32" and record["input_dtype"] == "bf16"  # bf16 would not hold it
-    assert record["update_retained_by_dtype"]["bf16"] < 0.9 and record["unchanged_share_by_dtype"]["bf16"] > 0.1
+    assert (
+        record["update_retained_by_dtype"]["bf16"] < 0.9 and record["unchanged_share_by_dtype"]["bf16"] > 0.1
+    )
     assert record["max_abs_logit_diff"] < 1e-4
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float32"
 
-    forced = merge_adapter(str(root / "base"), root / "adapter", tmp_path / "forced", store="bf16", probe=probe)
-    assert forced["dtype"] == "bf16" and forced["update_retained"] < 0.9  # a forced dtype is recorded honestly
+    forced = merge_adapter(
+        str(root / "base"), root / "adapter", tmp_path / "forced", store="bf16", probe=probe
+    )
+    assert (
+        forced["dtype"] == "bf16" and forced["update_retained"] < 0.9
+    )  # a forced dtype is recorded honestly
     assert abs(forced["update_retained"] - _kept(tmp_path / "forced", root / "base", deltas)) < 1e-3
 
 
@@ -96,7 +104,10 @@ def test_large_update_stays_in_the_input_dtype(bf16_model_and_adapter, tmp_path)
     adapter = tmp_path / "big"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text((root / "adapter" / "adapter_config.json").read_text())
-    weights = {k: (v * 300 if "lora_B" in k else v) for k, v in load_file(root / "adapter" / "adapter_model.safetensors").items()}
+    weights = {
+        k: (v * 300 if "lora_B" in k else v)
+        for k, v in load_file(root / "adapter" / "adapter_model.safetensors").items()
+    }
     save_file(weights, adapter / "adapter_model.safetensors")
     record = merge_adapter(str(root / "base"), adapter, tmp_path / "merged", probe=[[1, 2, 3]])
     assert record["dtype"] == "bf16" and record["update_retained"] >= 0.99

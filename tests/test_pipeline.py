@@ -24,14 +24,18 @@ def run_pipeline(capsys, recipe: Path, *args: str) -> dict[str, str]:
 def test_whole_run_layout_and_chain(tiny_run):
     out = tiny_run
     rows = {r["stage"]: r for r in json.loads((out / "pipeline.json").read_text())}
-    assert [rows[s]["status"] for s in ("cpt", "sft", "annotate", "dpo", "eval", "ablate", "sweep", "report")] == ["ran"] * 8
+    assert [
+        rows[s]["status"] for s in ("cpt", "sft", "annotate", "dpo", "eval", "ablate", "sweep", "report")
+    ] == ["ran"] * 8
     assert read_manifest(out / "sft").input_model.path == str(out / "cpt"), "SFT trains the merged CPT model"
     assert read_manifest(out / "annotate").input_model.path == str(out / "sft")
     assert read_manifest(out / "dpo").input_model.path == str(out / "sft")
     assert read_manifest(out / "dpo").data[0]["path"] == str(out / "annotate" / "preferences.jsonl")
     for shots in (0, 1):
         manifest = read_manifest(out / "eval" / f"{shots}shot")
-        assert manifest.stage == "eval" and manifest.input_model.path == str(out / "dpo"), "eval runs the final model"
+        assert manifest.stage == "eval" and manifest.input_model.path == str(out / "dpo"), (
+            "eval runs the final model"
+        )
         assert manifest.config["num_fewshot"] == shots
     assert (out / "report" / "report.html").is_file() and (out / "ablation" / "ablation.json").is_file()
     assert not (out / ".hippo.lock").exists(), "a finished run leaves no lock behind"
@@ -50,9 +54,9 @@ def test_unchanged_rerun_skips_everything_and_from_reruns(tmp_path, tiny_llama_d
     assert third["cpt"] == "skipped: unchanged" and third["sft"] == "ran" and third["dpo"] == "ran"
     assert read_manifest(tmp_path / "out" / "cpt").fingerprint == fingerprints["cpt"]
     assert read_manifest(tmp_path / "out" / "dpo").fingerprint != fingerprints["dpo"]
-    assert third["eval"] == "ran" and read_manifest(tmp_path / "out" / "eval" / "0shot").input_model.fingerprint == (
-        read_manifest(tmp_path / "out" / "dpo").fingerprint
-    )
+    assert third["eval"] == "ran" and read_manifest(
+        tmp_path / "out" / "eval" / "0shot"
+    ).input_model.fingerprint == (read_manifest(tmp_path / "out" / "dpo").fingerprint)
     only = run_pipeline(capsys, recipe, "--stages", "eval")
     assert only["cpt"].startswith("not selected") and only["eval"] == "skipped: unchanged"
 
@@ -69,7 +73,12 @@ def test_a_missing_eval_file_fails_before_any_training(tmp_path, tiny_llama_dir,
     for args in ([], ["--dry-run"]):
         assert main(["pipeline", str(recipe), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "recipe.yaml:" in err[0] and "eval.data.medqa" in err[0] and "gone.jsonl: file not found" in err[0]
+        assert (
+            len(err) == 1
+            and "recipe.yaml:" in err[0]
+            and "eval.data.medqa" in err[0]
+            and "gone.jsonl: file not found" in err[0]
+        )
     assert not (tmp_path / "out").exists()
 
 

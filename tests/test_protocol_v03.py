@@ -76,8 +76,13 @@ def test_v03_encoding_is_separate_and_without_special_tokens(embedded_model_dir)
     tok = load_tokenizer(str(embedded_model_dir))
     enc = V03Tokenizer(tok).encode_prompt("Question: Q?\nAnswer:", [" yes", " no"])
     assert enc.context == tok.encode("Question: Q?\nAnswer:", add_special_tokens=False)
-    assert enc.continuations == [tok.encode(" yes", add_special_tokens=False), tok.encode(" no", add_special_tokens=False)]
-    assert V03Tokenizer(tok).encode_prompt("", [" yes"]).context == [tok.eos_token_id]  # v0.3: empty context is EOT
+    assert enc.continuations == [
+        tok.encode(" yes", add_special_tokens=False),
+        tok.encode(" no", add_special_tokens=False),
+    ]
+    assert V03Tokenizer(tok).encode_prompt("", [" yes"]).context == [
+        tok.eos_token_id
+    ]  # v0.3: empty context is EOT
 
 
 def test_fallback_pool_is_stated(tiny_llama_dir, tmp_path, capsys):

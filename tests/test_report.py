@@ -48,7 +48,12 @@ def test_full_run_report_is_self_contained_and_complete(full_report) -> None:
     assert not re.search(r'(src|href)="(?!data:|#)', html)  # no file or network assets
     assert "<script" not in html and "default-src 'none'" in html
     assert sorted(p.name for p in (run / "report").iterdir()) == ["report.html", "report.md"]  # no temp files
-    for text in ("| +CPT+SFT+DPO |", "## Calibration", "| Package | cpt | sft | annotate | dpo |", "of the weight update kept"):
+    for text in (
+        "| +CPT+SFT+DPO |",
+        "## Calibration",
+        "| Package | cpt | sft | annotate | dpo |",
+        "of the weight update kept",
+    ):
         assert text in md
     manifest_rows = [line for line in md.splitlines() if line.startswith("| sft | ")]
     assert "| RUN/cpt |" in manifest_rows[0]  # the input model's path, not its fingerprint
@@ -104,7 +109,9 @@ def test_empty_dir_and_corrupt_files_degrade_to_notices(tiny_run, tmp_path: Path
     assert "eval/0shot/samples_pubmedqa.jsonl: not found" in calib
     assert "samples_usmle_step1.jsonl: unreadable" in calib and "malformed JSON" in calib
     assert "sweep/sweep.json" in _missing(html, "prompting")
-    assert "eval/1shot/results.json: unreadable" in _missing(html, "eval") and "not UTF-8" in _missing(html, "eval")
+    assert "eval/1shot/results.json: unreadable" in _missing(html, "eval") and "not UTF-8" in _missing(
+        html, "eval"
+    )
     assert "| final model | 0 | medqa |" in md
 
 
@@ -114,7 +121,10 @@ def test_cli(tiny_run, tmp_path: Path, capsys) -> None:
     assert err == f"hippo report: error: {tmp_path / 'nope'}: run directory not found"
     run = partial(tiny_run, tmp_path / "run", ("eval",))
     assert main(["report", str(run), "--output", str(tmp_path / "out"), "--bins", "5"]) == 0
-    assert capsys.readouterr().out.split() == [str(tmp_path / "out" / "report.html"), str(tmp_path / "out" / "report.md")]
+    assert capsys.readouterr().out.split() == [
+        str(tmp_path / "out" / "report.html"),
+        str(tmp_path / "out" / "report.md"),
+    ]
     assert "5 equal-width bins" in (tmp_path / "out" / "report.md").read_text()
     assert main(["report", str(run), "--bins", "0"]) == 2
 

@@ -212,7 +212,9 @@ def test_report_renders_in_chromium(browser: Browser, tiny_run: Path, tmp_path: 
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
 
 
-def test_probe_catches_broken_images_and_network_use(browser: Browser, tiny_run: Path, tmp_path: Path) -> None:
+def test_probe_catches_broken_images_and_network_use(
+    browser: Browser, tiny_run: Path, tmp_path: Path
+) -> None:
     """The checks above can fail: an undecodable image and a remote one are both reported."""
     html_path = build_report(_copy(tiny_run, tmp_path / "run", ("cpt", "eval")))
     text = html_path.read_text(encoding="utf-8").replace(
@@ -227,7 +229,9 @@ def test_probe_catches_broken_images_and_network_use(browser: Browser, tiny_run:
     assert any("Content Security Policy" in e or "example.com" in e for e in browser.console_errors())
 
 
-def test_partial_run_report_renders_with_missing_notices(browser: Browser, tiny_run: Path, tmp_path: Path) -> None:
+def test_partial_run_report_renders_with_missing_notices(
+    browser: Browser, tiny_run: Path, tmp_path: Path
+) -> None:
     html_path = build_report(_copy(tiny_run, tmp_path / "run", ("cpt", "eval")))
     page = browser.open(html_path.as_uri())
     assert page["broken"] == [] and page["images"] == 1 + 2 * 2

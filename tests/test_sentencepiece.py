@@ -24,7 +24,9 @@ def sp(tiny_sp_llama_dir):
 
 
 def test_the_tokenizer_behaves_like_llama2(sp):
-    assert sp.convert_ids_to_tokens(sp("yes", add_special_tokens=False)["input_ids"])[0].startswith("▁")  # prefix space
+    assert sp.convert_ids_to_tokens(sp("yes", add_special_tokens=False)["input_ids"])[0].startswith(
+        "▁"
+    )  # prefix space
     assert sp("x")["input_ids"][0] == sp.bos_token_id
     after_newline = sp.convert_ids_to_tokens(sp("Answer:\nParis")["input_ids"])
     assert not after_newline[-1].startswith("▁") or after_newline[-2] == "<0x0A>"
@@ -43,15 +45,23 @@ def test_sft_labels_are_exactly_the_response(sp, template, response):
     stats = Counter()
     sample = chat.encode(tok, messages, fmt, max_len=4096, stats=stats)
     ids, labels = sample["input_ids"], sample["labels"]
-    whole = tok(chat.render(tok, messages, fmt, add_generation_prompt=False), add_special_tokens=chat.adds_special_tokens(fmt))
+    whole = tok(
+        chat.render(tok, messages, fmt, add_generation_prompt=False),
+        add_special_tokens=chat.adds_special_tokens(fmt),
+    )
     assert ids == whole["input_ids"]  # tokenized as one text: the response continues its prompt
     first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
     assert all(lab != IGNORE for lab in labels[first:])
     trained = tok.decode(ids[first:], skip_special_tokens=True)
     assert trained.strip() == response.strip()
     assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id  # the model learns to stop
-    prompt_ids = tok(chat.render(tok, messages[:1], fmt), add_special_tokens=chat.adds_special_tokens(fmt))["input_ids"]
-    assert ids[: len(prompt_ids) - stats["boundary_merged"]] == prompt_ids[: len(prompt_ids) - stats["boundary_merged"]]
+    prompt_ids = tok(chat.render(tok, messages[:1], fmt), add_special_tokens=chat.adds_special_tokens(fmt))[
+        "input_ids"
+    ]
+    assert (
+        ids[: len(prompt_ids) - stats["boundary_merged"]]
+        == prompt_ids[: len(prompt_ids) - stats["boundary_merged"]]
+    )
     assert first == len(prompt_ids) - stats["boundary_merged"]
 
 
@@ -107,5 +117,7 @@ def test_judge_reads_the_verdict_letter_tokens(tiny_sp_llama_dir, sp):
     full_b = sp(text + " B", add_special_tokens=True)["input_ids"]
     assert full_a[-1] == judge.token_a and full_b[-1] == judge.token_b  # what follows the prompt as one text
     assert sp.convert_ids_to_tokens([judge.token_a, judge.token_b]) == ["▁A", "▁B"]
-    verdicts = judge.judge_pairs([JudgeItem("q", "short", "a longer answer"), JudgeItem("q", "a longer answer", "short")])
+    verdicts = judge.judge_pairs(
+        [JudgeItem("q", "short", "a longer answer"), JudgeItem("q", "a longer answer", "short")]
+    )
     assert all(v.verdict in ("A", "B", "tie") for v in verdicts)

@@ -129,7 +129,10 @@ def full_recipe(root: Path, model: Path, **overrides: Any) -> Path:
     """Every stage, the evaluation and both analyses on a tiny model: a whole run in about a minute."""
     prompts = write_jsonl(
         root / "data" / "questions.jsonl",
-        [{"id": f"q{i}", "prompt": f"What should I know about point {i}: {t[:50]}?"} for i, t in enumerate(TOPICS)],
+        [
+            {"id": f"q{i}", "prompt": f"What should I know about point {i}: {t[:50]}?"}
+            for i, t in enumerate(TOPICS)
+        ],
     )
     everything = {
         "stages.annotate": {

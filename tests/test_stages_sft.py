@@ -18,9 +18,21 @@ from hippocrates.stages.modeling import PackedCollator, labelled_nll
 from hippocrates.stages.packing import make_rows, pack_bfd
 
 EXAMPLES = [
-    {"instruction": "What does the abducens nerve supply?", "input": "", "output": "The lateral rectus muscle."},
-    {"instruction": "Answer as a doctor.", "input": "I have a cough for 3 days.", "output": " Rest and fluids."},
-    {"instruction": "List two symptoms.", "input": "", "output": "\n\nFever\n- cough"},  # merges at the boundary
+    {
+        "instruction": "What does the abducens nerve supply?",
+        "input": "",
+        "output": "The lateral rectus muscle.",
+    },
+    {
+        "instruction": "Answer as a doctor.",
+        "input": "I have a cough for 3 days.",
+        "output": " Rest and fluids.",
+    },
+    {
+        "instruction": "List two symptoms.",
+        "input": "",
+        "output": "\n\nFever\n- cough",
+    },  # merges at the boundary
     {"instruction": "Spacing", "input": "", "output": "   indented answer"},
 ]
 MULTI_TURN = [
@@ -33,8 +45,12 @@ MULTI_TURN = [
 # one conversation in every accepted record shape
 SHAPES = {
     "messages": {"messages": MULTI_TURN[1:3]},
-    "sharegpt": {"conversations": [{"from": "human", "value": MULTI_TURN[1]["content"]},
-                                   {"from": "gpt", "value": MULTI_TURN[2]["content"]}]},  # fmt: skip
+    "sharegpt": {
+        "conversations": [
+            {"from": "human", "value": MULTI_TURN[1]["content"]},
+            {"from": "gpt", "value": MULTI_TURN[2]["content"]},
+        ]
+    },  # fmt: skip
     "prompt-completion": {"prompt": MULTI_TURN[1]["content"], "completion": MULTI_TURN[2]["content"]},
     "alpaca": {"instruction": MULTI_TURN[1]["content"], "input": "", "output": MULTI_TURN[2]["content"]},
     "qa": {"question": MULTI_TURN[1]["content"], "answer": MULTI_TURN[2]["content"]},
@@ -49,7 +65,9 @@ def tokenizer(embedded_model_dir):
 
 
 def labelled_text(tokenizer, sample) -> str:
-    return tokenizer.decode([t for t, lab in zip(sample["input_ids"], sample["labels"], strict=True) if lab != IGNORE])
+    return tokenizer.decode(
+        [t for t, lab in zip(sample["input_ids"], sample["labels"], strict=True) if lab != IGNORE]
+    )
 
 
 @pytest.mark.parametrize("fmt", ["chat", "alpaca"])
@@ -114,7 +132,9 @@ def test_sharegpt_roles_and_bad_shapes():
     msgs = to_messages({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
                                           {"from": "gpt", "value": "A"}]}, "f:1")  # fmt: skip
     assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
-    with pytest.raises(HippoError, match=r"f:2: not a training record \(have: foo, text\); accepted shapes: messages"):
+    with pytest.raises(
+        HippoError, match=r"f:2: not a training record \(have: foo, text\); accepted shapes: messages"
+    ):
         to_messages({"text": "hi", "foo": 1}, "f:2")
     with pytest.raises(HippoError, match="f:3: conversations\\[0\\].from 'robot'"):
         to_messages({"conversations": [{"from": "robot", "value": "x"}]}, "f:3")
@@ -198,7 +218,9 @@ def test_packed_logits_equal_single_sample_logits(tiny_llama_dir):
     assert any(len(r["seq_lengths"]) > 1 for r in rows)
     batch = PackedCollator(pad_id=0)(rows)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
         for b, row in enumerate(rows):
             start = 0
             for n in row["seq_lengths"]:
@@ -206,5 +228,7 @@ def test_packed_logits_equal_single_sample_logits(tiny_llama_dir):
                 assert torch.allclose(packed[b, start : start + n], alone, atol=1e-4)
                 start += n
         nll, _ = labelled_nll(model, batch)  # the training loss sees the same thing
-        total = sum(float(labelled_nll(model, PackedCollator(0)([{"input_ids": s, "labels": s}]))[0]) for s in samples)
+        total = sum(
+            float(labelled_nll(model, PackedCollator(0)([{"input_ids": s, "labels": s}]))[0]) for s in samples
+        )
         assert abs(float(nll) - total) < 1e-3

@@ -132,7 +132,7 @@ def test_dpo_raises_heldout_reward_accuracy(recipe, embedded_model_dir):
     from hippocrates.stages.dpo import run_dpo
 
     m = run_dpo(recipe, str(embedded_model_dir), Path(recipe.output_dir) / "dpo", report_to=[])
-    assert m["eval_pairs"] == 12
-    assert m["eval_reward_accuracy_before"] == 0.0
+    assert m["eval_pairs"] >= 12 and m["eval_prompts"] >= 1
+    assert m["eval_reward_accuracy_before"] == 0.5  # policy == reference: all ties, each counting 1/2
     assert m["eval_reward_accuracy_after"] > 0.5, m
     assert m["eval_reward_margin_after"] > 0, m

@@ -91,7 +91,9 @@ def test_metrics(chain):
     # weights 1 : 2 over 16 + 4 records: 7 general (sub-sampled) + 13 evaluation (up-sampled) = 20
     assert sft["train_samples"] + sft["dropped_no_response"] == 20
     assert dpo["identical_dropped"] == 1 and dpo["pairs"] == 17
-    assert dpo["eval_reward_accuracy_before"] == 0.5  # policy == reference: every reward is 0, a tie counts 1/2
+    assert (
+        dpo["eval_reward_accuracy_before"] == 0.5
+    )  # policy == reference: every reward is 0, a tie counts 1/2
     assert dpo["eval_reward_accuracy_after"] is not None and "eval_reward_margin" in dpo
     assert json.loads((out / "dpo" / "metrics.json").read_text())["stage"] == "dpo"
 

@@ -23,9 +23,7 @@ from hippocrates.errors import HippoError
 
 Format = Literal["chat", "alpaca"]
 IGNORE = -100
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
@@ -74,7 +72,12 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generati
     except jinja2.exceptions.TemplateError as exc:
         if messages and messages[0]["role"] == "system" and len(messages) > 1:
             # templates without a system role (Gemma, Mistral's): fold it into the first user turn
-            folded = [{"role": messages[1]["role"], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
+            folded = [
+                {
+                    "role": messages[1]["role"],
+                    "content": f"{messages[0]['content']}\n\n{messages[1]['content']}",
+                }
+            ]
             return _apply_template(tokenizer, folded + messages[2:], add_generation_prompt)
         raise HippoError(f"the conversation does not fit the model's chat template: {exc}") from None
 
@@ -83,7 +86,11 @@ def _alpaca(tokenizer: Any, messages: list[dict[str, Any]], add_generation_promp
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
     turns = messages[1:] if system is not None else messages
     first_user = next((m for m in turns if m["role"] == "user"), {})
-    text = system if system is not None else (ALPACA_PREAMBLE_INPUT if first_user.get("input") else ALPACA_PREAMBLE)
+    text = (
+        system
+        if system is not None
+        else (ALPACA_PREAMBLE_INPUT if first_user.get("input") else ALPACA_PREAMBLE)
+    )
     for m in turns:
         if m["role"] == "user":
             text += f"\n\n### Instruction:\n{m['content']}"
@@ -117,7 +124,9 @@ def prompt(tokenizer: Any, question: str, template: str = "auto", system: str | 
     return render(tokenizer, messages, fmt)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], fmt: Format) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], fmt: Format
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of every assistant turn in it."""
     full = render(tokenizer, messages, fmt, add_generation_prompt=False)
     spans = []

@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "cpt": ("hippocrates.stages.cpt", "continued pre-training on medical text, with LoRA"),
     "sft": ("hippocrates.stages.sft", "medical instruction tuning on a weighted mixture, with LoRA"),
-    "annotate": ("hippocrates.rlaif.annotate", "RLAIF: sample answers and let an AI judge pick the better one"),
+    "annotate": (
+        "hippocrates.rlaif.annotate",
+        "RLAIF: sample answers and let an AI judge pick the better one",
+    ),
     "dpo": ("hippocrates.stages.dpo", "direct preference optimisation on judged pairs, with LoRA"),
     "eval": ("hippocrates.eval.cli", "evaluate on MedQA, MedMCQA, PubMedQA, USMLE (log-likelihood scoring)"),
     "ablate": ("hippocrates.analyses.ablation", "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO"),

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -204,6 +204,11 @@ class EvalSettings(Strict):
     )
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
+    precision: Precision = Field(
+        "auto",
+        description="auto: the recipe's precision, but fp32 for a model whose bf16 weights keep less than 95% "
+        "of its last stage's effect on the logits (its merge record)",
+    )
 
 
 class AblationSettings(Strict):
@@ -264,7 +269,9 @@ class Recipe(Strict):
     def where(self, key: str) -> str:
         """``file:line: key`` for messages about a value of this recipe (e.g. ``stages.sft.data.0.path``)."""
         parts = tuple(int(p) if p.isdigit() else p for p in key.split("."))
-        line = next((self._lines[parts[:cut]] for cut in range(len(parts), 0, -1) if parts[:cut] in self._lines), None)
+        line = next(
+            (self._lines[parts[:cut]] for cut in range(len(parts), 0, -1) if parts[:cut] in self._lines), None
+        )
         place = self.source_path or "recipe"
         return f"{place}:{line}: {key}" if line else f"{place}: {key}"
 

@@ -146,7 +146,11 @@ def _gguf_digest(path: Path) -> str:
     except (OSError, ValueError):
         index = {}
     entry = index.get(key) if isinstance(index, dict) else None
-    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+    ):
         return str(entry["sha256"])
     check_gguf(path)
     digest = sha256_file(path)
@@ -289,6 +293,32 @@ def resolve_precision(precision: str) -> str:
     if precision == "fp16" and not torch.cuda.is_available():
         raise HippoError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
     return precision
+
+
+def precision_for(spec: str, precision: str) -> tuple[str, str | None]:
+    """The precision to run a model in, and why when it differs from ``precision``.
+
+    A stage output whose merge record says that its 16-bit weights keep less than 95% of the
+    stage's effect on the logits is run in fp32, so what is measured is what was trained.
+    """
+    from hippocrates.record import read_manifest
+
+    resolved = resolve_precision(precision)
+    if resolved == "fp32":
+        return resolved, None
+    try:
+        folder = Path(resolve_model(spec).path)
+    except HippoError:
+        return resolved, None
+    manifest = read_manifest(folder)
+    merge = (manifest.extra.get("merge") if manifest else None) or {}
+    kept = merge.get("effect_retained_bf16")
+    if isinstance(kept, float) and kept < 0.95:
+        return "fp32", (
+            f"{spec} keeps only {100 * kept:.0f}% of its {manifest.stage} stage's effect on the logits in "
+            f"{resolved} weights, so it is run in fp32"
+        )
+    return resolved, None
 
 
 def stored_dtype(resolved: ResolvedModel) -> str:

@@ -42,15 +42,23 @@ class Row:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("--from", dest="from_stage", choices=ORDER, help="rerun this stage and every later one")
+    parser.add_argument(
+        "--from", dest="from_stage", choices=ORDER, help="rerun this stage and every later one"
+    )
     parser.add_argument("--stages", help=f"comma-separated subset to run (of {', '.join(ORDER)})")
     parser.add_argument(
-        "--resume", action="store_true", help="continue interrupted training stages from their newest complete checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue interrupted training stages from their newest complete checkpoint",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace stage outputs written by another run")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace stage outputs written by another run"
+    )
     parser.add_argument("--report-to", help="loggers (tensorboard, wandb, none; default tensorboard)")
     parser.add_argument(
-        "--dry-run", action="store_true", help="check every file and model, answer one question, print the plan"
+        "--dry-run",
+        action="store_true",
+        help="check every file and model, answer one question, print the plan",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the dry-run answer")
 
@@ -65,7 +73,9 @@ def generate_answer(model, tokenizer, question: str, max_new_tokens: int) -> str
     text = chat.prompt(tokenizer, question)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=chat.adds_special_tokens(fmt))
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
@@ -119,7 +129,9 @@ class Pipeline:
         if stage not in self.forced and current(out_dir, step):
             if stage != "annotate":
                 self.model = str(out_dir)
-            return Row(stage, "skipped: unchanged", detail=_headline(stage, _metrics(out_dir)), output=str(out_dir))
+            return Row(
+                stage, "skipped: unchanged", detail=_headline(stage, _metrics(out_dir)), output=str(out_dir)
+            )
         if stage == "annotate":
             metrics = module.run_annotate(self.recipe, self.model, out_dir, overwrite=self.args.overwrite)
         else:
@@ -137,10 +149,12 @@ class Pipeline:
         ran, details, loaded = 0, [], None
         for shots in cfg.num_fewshot:
             out_dir = self.out / "eval" / f"{shots}shot"
-            options = recipe_eval_options(self.recipe, shots, cfg.limit)
+            options = recipe_eval_options(self.recipe, shots, cfg.limit, self.model)
             step = recipe_eval_step(self.recipe, self.model, options)
             if "eval" in self.forced or not current(out_dir, step):
-                loaded = loaded or LoadedModel.load(self.model, options["precision"], self.recipe.trust_remote_code)
+                loaded = loaded or LoadedModel.load(
+                    self.model, options["precision"], self.recipe.trust_remote_code
+                )
                 evaluate(loaded, cfg.tasks, output_dir=out_dir, recipe=self.recipe, **options)
                 ran += 1
             details.append(f"{shots}-shot mean acc={_mean_acc(out_dir / 'results.json')}")
@@ -152,11 +166,15 @@ class Pipeline:
         from hippocrates.analyses.ablation import run_ablation
 
         cfg = self.recipe.analyses.ablation
-        data = run_ablation(self.recipe, shots=cfg.num_fewshot, limit=cfg.limit, force_eval="ablate" in self.forced)
+        data = run_ablation(
+            self.recipe, shots=cfg.num_fewshot, limit=cfg.limit, force_eval="ablate" in self.forced
+        )
         rows = data.get("variants", [])
         ok = [v for v in rows if v.get("status") == "ok"]
         reused = sum(bool(v.get("reused_eval")) for v in ok)
-        detail = ", ".join(f"{v['label']} {v['average']:.3f}" for v in ok if isinstance(v.get("average"), float))
+        detail = ", ".join(
+            f"{v['label']} {v['average']:.3f}" for v in ok if isinstance(v.get("average"), float)
+        )
         not_ok = [f"{v['label']} {v['status']}" for v in rows if v.get("status") != "ok"]
         if not_ok:
             detail += f"; {'; '.join(not_ok)}"
@@ -166,18 +184,21 @@ class Pipeline:
     def run_sweep(self) -> Row:
         """Prompt x chat template x shots on the final model, into OUTPUT/sweep/."""
         from hippocrates.analyses.sweep import run_sweep
-        from hippocrates.models import resolve_precision
+        from hippocrates.eval.runner import recipe_eval_options
 
         cfg, ev = self.recipe.analyses.sweep, self.recipe.eval
         tasks = cfg.tasks or ev.tasks
         files = {t: p for t, p in ev.data.items() if t in tasks}
+        precision = recipe_eval_options(self.recipe, 0, None, self.model)["precision"]
         data = run_sweep(
             self.model, tasks, files or None, cfg.prompts, cfg.chat_template, cfg.num_fewshot, self.out / "sweep",
-            limit=cfg.limit or ev.limit, batch_size=ev.batch_size, precision=resolve_precision(self.recipe.precision),
+            limit=cfg.limit or ev.limit, batch_size=ev.batch_size, precision=precision,
             protocol=ev.protocol, trust_remote_code=self.recipe.trust_remote_code, force="sweep" in self.forced,
         )  # fmt: skip
         rows = data.get("rows", [])
-        best = max((r for r in rows if isinstance(r.get("average"), float)), key=lambda r: r["average"], default=None)
+        best = max(
+            (r for r in rows if isinstance(r.get("average"), float)), key=lambda r: r["average"], default=None
+        )
         detail = f"{len(rows)} combinations"
         if best:
             chat = "chat" if best["chat_template"] else "plain"
@@ -242,7 +263,11 @@ def _headline(stage: str, metrics: dict[str, Any]) -> str:
 def _mean_acc(path: Path) -> str:
     if not path.is_file():
         return "?"
-    accs = [t.get("acc") for t in read_json_object(path).get("tasks", {}).values() if isinstance(t.get("acc"), (int, float))]
+    accs = [
+        t.get("acc")
+        for t in read_json_object(path).get("tasks", {}).values()
+        if isinstance(t.get("acc"), (int, float))
+    ]
     return f"{sum(accs) / len(accs):.3f}" if accs else "?"
 
 

@@ -19,7 +19,9 @@ from hippocrates.errors import HippoError
 
 def _at(recipe: Recipe, key: str, exc: HippoError) -> HippoError:
     message = str(exc)
-    return HippoError(message if message.startswith(str(recipe.source_path or "\0")) else f"{recipe.where(key)}: {message}")
+    return HippoError(
+        message if message.startswith(str(recipe.source_path or "\0")) else f"{recipe.where(key)}: {message}"
+    )
 
 
 def check_model(recipe: Recipe, key: str, spec: str) -> None:
@@ -79,7 +81,9 @@ def check_eval(recipe: Recipe, tasks: Iterable[str], key: str = "eval") -> None:
             raise _at(recipe, f"eval.data.{spec.task}", exc) from None
     unknown = sorted(set(recipe.eval.data) - {s.task for s in specs})
     if unknown and key == "eval":
-        raise HippoError(f"{recipe.where(f'eval.data.{unknown[0]}')}: task '{unknown[0]}' is not in eval.tasks")
+        raise HippoError(
+            f"{recipe.where(f'eval.data.{unknown[0]}')}: task '{unknown[0]}' is not in eval.tasks"
+        )
 
 
 def preflight(

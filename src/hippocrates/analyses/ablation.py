@@ -120,7 +120,7 @@ class Ablation:
         ev = self.recipe.eval
         try:
             model = self.ensure(variant.model)
-            options = recipe_eval_options(self.recipe, self.shots, self.limit)
+            options = recipe_eval_options(self.recipe, self.shots, self.limit, model)
             step = recipe_eval_step(self.recipe, model, options)
             start = time.perf_counter()
             target = self.eval_dir(variant)
@@ -129,8 +129,13 @@ class Ablation:
             if reusable:
                 results, where = read_json_object(reusable[0] / "results.json"), reusable[0]
             else:
-                status(f"ablate: evaluating {variant.label} ({model}) on {', '.join(ev.tasks)}, {self.shots}-shot")
-                results, where = evaluate(model, list(ev.tasks), output_dir=target, recipe=self.recipe, **options), target
+                status(
+                    f"ablate: evaluating {variant.label} ({model}) on {', '.join(ev.tasks)}, {self.shots}-shot"
+                )
+                results, where = (
+                    evaluate(model, list(ev.tasks), output_dir=target, recipe=self.recipe, **options),
+                    target,
+                )
         except HippoError as exc:
             return {**row, "status": "failed", "reason": str(exc)}
         tasks = results.get("tasks") or {}
@@ -193,7 +198,9 @@ def run_ablation(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("--shots", type=int, default=None, help="few-shot count (default: the recipe's first)")
+    parser.add_argument(
+        "--shots", type=int, default=None, help="few-shot count (default: the recipe's first)"
+    )
     parser.add_argument(
         "--variants", default=None, help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)}"
     )
@@ -214,14 +221,17 @@ def run(args: argparse.Namespace) -> int:
     names = {v.name for v in VARIANTS}
     if variants and not set(variants) <= names:
         bad = sorted(set(variants) - names)
-        raise HippoError(f"--variants: unknown variant(s) {', '.join(bad)}; choose from {', '.join(sorted(names))}")
+        raise HippoError(
+            f"--variants: unknown variant(s) {', '.join(bad)}; choose from {', '.join(sorted(names))}"
+        )
     preflight(recipe, ["ablate"], outputs=[Path(recipe.output_dir) / "ablation"])
     with hold(recipe.output_dir):
-        data = run_ablation(recipe, shots=args.shots, variants=variants, limit=args.limit, force_eval=args.force_eval)
+        data = run_ablation(
+            recipe, shots=args.shots, variants=variants, limit=args.limit, force_eval=args.force_eval
+        )
     for v in data["variants"]:
         if v["status"] != "ok":
             status(f"ablate: {v['label']} {v['status']}: {v.get('reason', '')}")
     print(ablation_table(data).markdown())
     print(f"written: {Path(recipe.output_dir) / 'ablation'}/ablation.{{json,md,csv}}")
     return 1 if any(v["status"] == "failed" for v in data["variants"]) else 0
-

@@ -58,7 +58,12 @@ def run_sweep(
     from hippocrates.eval.runner import LoadedModel, eval_step, evaluate
     from hippocrates.models import resolve_model
 
-    for name, values in (("tasks", tasks), ("prompts", prompts), ("chat options", chat_options), ("shots", shots)):
+    for name, values in (
+        ("tasks", tasks),
+        ("prompts", prompts),
+        ("chat options", chat_options),
+        ("shots", shots),
+    ):
         if not values:
             raise HippoError(f"sweep: no {name} given")
     if any(k < 0 for k in shots):

@@ -41,7 +41,9 @@ def _content(value: Any, where: str, field: str) -> str:
         return value
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
         return "".join(str(p.get("text", "")) for p in value)
-    raise HippoError(f"{where}: {field} must be a string (or a list of text parts), got {type(value).__name__}")
+    raise HippoError(
+        f"{where}: {field} must be a string (or a list of text parts), got {type(value).__name__}"
+    )
 
 
 def _openai(turns: Any, where: str, field: str) -> list[Message]:
@@ -114,7 +116,9 @@ def to_messages(record: dict[str, Any], where: str, *, hub: bool = False) -> lis
             if "not an instruction record" not in str(exc):
                 raise
             have = ", ".join(sorted(record)) or "none"
-            raise HippoError(f"{where}: not a training record (have: {have}); accepted shapes: {SHAPES}") from None
+            raise HippoError(
+                f"{where}: not a training record (have: {have}); accepted shapes: {SHAPES}"
+            ) from None
         user = {"role": "user", "content": ex["instruction"]}
         if ex.get("input"):
             user["input"] = ex["input"]

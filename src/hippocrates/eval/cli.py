@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hippocrates.errors import HippoError
 from hippocrates.config import renamed_prompt
+from hippocrates.errors import HippoError
 from hippocrates.eval.prompts import DEFAULT_SEED, PROTOCOLS, STRATEGIES
 
 EXAMPLES = """examples:

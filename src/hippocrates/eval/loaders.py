@@ -64,7 +64,9 @@ def iter_records(path: Path) -> Iterator[tuple[int | str, dict[str, Any]]]:
             document = json.loads(text)
         except json.JSONDecodeError as exc:
             if "Extra data" not in exc.msg:
-                raise HippoError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+                raise HippoError(
+                    f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})"
+                ) from None
             document = None  # JSON lines in a file named .json (MedMCQA's release does this)
         if isinstance(document, list):
             for i, record in enumerate(document):
@@ -305,7 +307,9 @@ def load_task(
     if spec.format == "pubmedqa":
         items, pool, pool_is_eval, skipped = _load_pubmedqa(spec, path, duplicates)
         pool_source = (
-            f"{path} (PMIDs not in {spec.ground_truth})" if not pool_is_eval else f"{path} (the other evaluation items)"
+            f"{path} (PMIDs not in {spec.ground_truth})"
+            if not pool_is_eval
+            else f"{path} (the other evaluation items)"
         )
     elif spec.format == "usmle":
         items, skipped = load_file(spec, path, duplicates)
@@ -314,7 +318,11 @@ def load_task(
         items, skipped = load_file(spec, path, duplicates)
         pool_path = _fewshot_file(spec, path, fewshot_data)
         if pool_path is None:
-            pool, pool_is_eval, pool_source = items, True, f"{path} (the other evaluation items: no training file beside it)"
+            pool, pool_is_eval, pool_source = (
+                items,
+                True,
+                f"{path} (the other evaluation items: no training file beside it)",
+            )
         else:
             pool, pool_skipped = load_file(spec, pool_path)
             _warn(spec.task, pool_skipped, f"few-shot record(s) in {pool_path.name}")
@@ -330,10 +338,21 @@ def load_task(
         kept = [p for p in pool if item_key(p) not in keys]
         overlap = len(pool) - len(kept)
         if overlap:
-            status(f"warning: {spec.task}: {overlap} few-shot pool item(s) repeat evaluation items; left out of the pool")
+            status(
+                f"warning: {spec.task}: {overlap} few-shot pool item(s) repeat evaluation items; left out of the pool"
+            )
         pool = kept
     return TaskData(
-        spec, items, pool, pool_is_eval, str(path), sha256_file(path), pool_source, skipped, duplicates, overlap
+        spec,
+        items,
+        pool,
+        pool_is_eval,
+        str(path),
+        sha256_file(path),
+        pool_source,
+        skipped,
+        duplicates,
+        overlap,
     )
 
 

@@ -15,7 +15,6 @@ from typing import Any
 from hippocrates.eval import calibration as cal
 
 
-
 def argmax(values: list[float]) -> int:
     """First index of the maximum (numpy's tie rule, as lm-eval uses np.argmax)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))

@@ -105,7 +105,9 @@ class LoadedModel:
         resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(str(spec))
         status(f"loading {resolved.spec} ({precision})")
         tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-        lm = load_model(resolved, precision=precision, trust_remote_code=trust_remote_code, device=_device()).eval()
+        lm = load_model(
+            resolved, precision=precision, trust_remote_code=trust_remote_code, device=_device()
+        ).eval()
         return cls(resolved.spec, resolved.path, lm, tokenizer, precision)
 
 
@@ -130,7 +132,8 @@ def eval_step(
     from hippocrates.eval.loaders import task_files
 
     files = [
-        task_files(spec, (data or {}).get(spec.task), data_dir, (fewshot_data or {}).get(spec.task)) for spec in specs
+        task_files(spec, (data or {}).get(spec.task), data_dir, (fewshot_data or {}).get(spec.task))
+        for spec in specs
     ]
     config = {
         "tasks": [s.task for s in specs],
@@ -147,11 +150,17 @@ def eval_step(
     return Step("eval", config, model=str(model), data=files, precision=precision)
 
 
-def recipe_eval_options(recipe: Any, shots: int, limit: int | None) -> dict[str, Any]:
-    """The evaluate() protocol of the recipe's eval section at ``shots`` (shared with the pipeline)."""
-    from hippocrates.models import resolve_precision
+def recipe_eval_options(recipe: Any, shots: int, limit: int | None, model: str | None = None) -> dict[str, Any]:
+    """The evaluate() protocol of the recipe's eval section at ``shots`` (shared by the pipeline, the
+    ablation and the sweep). ``eval.precision: auto`` runs ``model`` in fp32 when its 16-bit weights
+    would not show what its last stage trained (see hippocrates.models.precision_for)."""
+    from hippocrates.models import precision_for, resolve_precision
 
     ev = recipe.eval
+    wanted = recipe.precision if ev.precision == "auto" else ev.precision
+    precision, why = precision_for(model, wanted) if model and ev.precision == "auto" else (resolve_precision(wanted), None)
+    if why:
+        status(f"eval: {why}")
     return {
         "data": dict(ev.data) or None,
         "num_fewshot": shots,
@@ -160,7 +169,7 @@ def recipe_eval_options(recipe: Any, shots: int, limit: int | None) -> dict[str,
         "limit": limit,
         "protocol": ev.protocol,
         "batch_size": ev.batch_size,
-        "precision": resolve_precision(recipe.precision),
+        "precision": precision,
     }
 
 
@@ -261,7 +270,9 @@ def evaluate(
             seed=seed,
             protocol=protocol,
         )
-        status(f"{name}: {len(prompts)} items, {num_fewshot}-shot, prompt {prompt}, protocol {protocol}, data {task.source}")
+        status(
+            f"{name}: {len(prompts)} items, {num_fewshot}-shot, prompt {prompt}, protocol {protocol}, data {task.source}"
+        )
         if num_fewshot and task.pool_is_eval:
             status(f"{name}: few-shot exemplars come from {task.pool_source}")
         skipped = list(task.skipped)
@@ -270,13 +281,17 @@ def evaluate(
             enc = encoder.encode_prompt(p.context, p.continuations)
             empty = [i for i, c in enumerate(enc.continuations) if not c]
             if empty:
-                skipped.append((p.item.id, f"{p.item.where}: option {empty[0] + 1} has no tokens after the prompt"))
+                skipped.append(
+                    (p.item.id, f"{p.item.where}: option {empty[0] + 1} has no tokens after the prompt")
+                )
                 continue
             kept.append(p)
             encoded.append(enc)
         scored = score(lm.model, encoded, scorer=scorer, max_length=window, batch_size=batch_size)
         rows = [
-            sample_row(doc_id, p.item.id, p.context, p.continuations, p.choices, s.loglikelihoods, p.item.gold)
+            sample_row(
+                doc_id, p.item.id, p.context, p.continuations, p.choices, s.loglikelihoods, p.item.gold
+            )
             for doc_id, (p, s) in enumerate(zip(kept, scored, strict=True))
         ]
         truncated = [p.item.id for p, s in zip(kept, scored, strict=True) if s.truncated]

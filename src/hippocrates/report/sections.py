@@ -175,7 +175,9 @@ def manifest_section(run: Path) -> Section:
         s.table(Table(["Stage", "Data file", "sha256"], files, caption="Data files"))
     if versions:
         stages = [r[0] for r in rows]
-        table = Table(["Package", *stages], [[p, *[v.get(st) for st in stages]] for p, v in sorted(versions.items())])
+        table = Table(
+            ["Package", *stages], [[p, *[v.get(st) for st in stages]] for p, v in sorted(versions.items())]
+        )
         table.caption = "Package versions"
         s.table(table)
     for name, text in raw:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from hippocrates.config import Recipe, load_recipe
-from hippocrates.record import Step
 from hippocrates.data.io import atomic_dir, sha256_file, write_json, write_jsonl
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
+from hippocrates.record import Step
 from hippocrates.rlaif.agreement import evaluate_agreement
 from hippocrates.rlaif.candidates import load_prompts, sample_candidates
 from hippocrates.rlaif.judges import (
@@ -132,7 +132,9 @@ def plan(recipe: Recipe, model: str, out_dir: Path, agreement: str | Path | None
         {"path": rubric.path, "sha256": rubric.sha256, "role": "rubric"},
     ]
     if cfg.judge.backend == "local":
-        data.append({"path": cfg.judge.model, "fingerprint": model_fingerprint(cfg.judge.model), "role": "judge"})
+        data.append(
+            {"path": cfg.judge.model, "fingerprint": model_fingerprint(cfg.judge.model), "role": "judge"}
+        )
     if agreement:
         data.append({"path": str(agreement), "sha256": sha256_file(agreement), "role": "human_labels"})
     config = {**cfg.model_dump(mode="json"), "template": recipe.stages.sft.template}
@@ -253,7 +255,9 @@ def run_annotate(
             write_jsonl(tmp / "agreement.jsonl", agreement_rows)
             outputs.append("agreement.jsonl")
         write_json(tmp / "metrics.json", metrics)
-        write_manifest(tmp, step.manifest(outputs=outputs, started=started, t0=t0, recipe=recipe, extra=extra))
+        write_manifest(
+            tmp, step.manifest(outputs=outputs, started=started, t0=t0, recipe=recipe, extra=extra)
+        )
     return metrics
 
 

@@ -18,6 +18,7 @@ from hippocrates.errors import HippoError
 from hippocrates.progress import progress
 from hippocrates.rlaif.sampling import RowSpec, generate
 
+
 @dataclass(frozen=True)
 class Prompt:
     id: str

@@ -25,9 +25,13 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     )
     parser.add_argument("--output", help=f"output folder (default: OUTPUT/{stage})")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest complete checkpoint of an interrupted run"
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint of an interrupted run",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an output folder written by another run")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder written by another run"
+    )
     parser.add_argument(
         "--report-to",
         help="comma-separated loggers (tensorboard, wandb, none; default tensorboard if installed)",
@@ -44,7 +48,9 @@ def report_to_arg(value: str | None) -> list[str] | None:
     for name in names:
         module = {"comet_ml": "comet_ml", "tensorboard": "tensorboard"}.get(name, name)
         if name != "all" and importlib.util.find_spec(module) is None:
-            raise HippoError(f"--report-to {name}: the '{module}' package is not installed (pip install {module})")
+            raise HippoError(
+                f"--report-to {name}: the '{module}' package is not installed (pip install {module})"
+            )
     return names
 
 
@@ -61,16 +67,21 @@ def print_result(stage: str, out_dir: Path, metrics: dict[str, Any], keys: list[
     if not is_main_process():  # one summary per job, not one per process
         return
     shown = ", ".join(
-        f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}" for k in keys
+        f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}"
+        for k in keys
     )
     print(f"{stage}: {shown}")
     merge = metrics.get("merge") or {}
     if merge:
-        print(f"{stage}: merged in {merge['dtype']}, {100 * merge['update_retained']:.2f}% of the update kept")
+        print(
+            f"{stage}: merged in {merge['dtype']}, {100 * merge['update_retained']:.2f}% of the update kept"
+        )
     print(f"{stage}: model, adapter/, metrics.json, manifest.json, README.md in {out_dir}")
 
 
-def run_stage_command(args: argparse.Namespace, stage: str, train: Callable[..., dict], keys: list[str]) -> int:
+def run_stage_command(
+    args: argparse.Namespace, stage: str, train: Callable[..., dict], keys: list[str]
+) -> int:
     """``hippo STAGE RECIPE``: check everything the stage needs, train it, print its headline metrics."""
     from hippocrates.config import load_recipe
     from hippocrates.lock import hold

@@ -116,14 +116,22 @@ def run_cpt(
     eval_stats: Counter = Counter()
     eval_texts = [t for s in cfg.eval_data for t in iter_texts(s, eval_stats)]
     run = stage_run.begin_stage(
-        step, recipe, Path(out_dir), resume=resume, overwrite=overwrite, report_to=report_to, callbacks=callbacks
+        step,
+        recipe,
+        Path(out_dir),
+        resume=resume,
+        overwrite=overwrite,
+        report_to=report_to,
+        callbacks=callbacks,
     )
     from hippocrates.stages.modeling import GeneratorDataset, PackedCollator, SupervisedTokenTrainer
 
     model, tokenizer = stage_run.load_for_training(run)
     block = cfg.train.max_seq_len
     if texts is None:
-        train_data: Any = GeneratorDataset(lambda: streamed_rows(cfg.data, tokenizer, block, recipe.seed, stats))
+        train_data: Any = GeneratorDataset(
+            lambda: streamed_rows(cfg.data, tokenizer, block, recipe.seed, stats)
+        )
     else:
         train_data = [as_row(ids) for ids in iter_blocks(iter(texts), tokenizer, block)]
         stats["train_blocks"] = len(train_data)

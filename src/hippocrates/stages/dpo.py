@@ -111,7 +111,11 @@ def to_trl(pairs: list[dict], tokenizer, fmt: chat.Format):
 def prompt_lengths(tokenizer, fmt: chat.Format, pairs: list[dict]) -> list[int]:
     special = chat.adds_special_tokens(fmt)
     return [
-        len(tokenizer(chat.render(tokenizer, chat.user(p["prompt"]), fmt), add_special_tokens=special)["input_ids"])
+        len(
+            tokenizer(chat.render(tokenizer, chat.user(p["prompt"]), fmt), add_special_tokens=special)[
+                "input_ids"
+            ]
+        )
         for p in pairs
     ]
 
@@ -162,7 +166,9 @@ def lean_fused_head():
             setattr(tu, n, v)
 
 
-def _completion_logps(model, rows: list[tuple[list[int], list[int]]], max_len: int, precision: str) -> list[float]:
+def _completion_logps(
+    model, rows: list[tuple[list[int], list[int]]], max_len: int, precision: str
+) -> list[float]:
     """Summed log-probability of each completion after its prompt (truncated like TRL: keep the start)."""
     import torch
 
@@ -203,10 +209,15 @@ def reward_accuracy(trainer, beta: float, max_len: int, precision: str) -> dict[
     finally:
         model.train(was_training)
     margins = [
-        beta * ((pc - rc) - (pr - rr)) for pc, rc, pr, rr in zip(policy_c, ref_c, policy_r, ref_r, strict=True)
+        beta * ((pc - rc) - (pr - rr))
+        for pc, rc, pr, rr in zip(policy_c, ref_c, policy_r, ref_r, strict=True)
     ]
     score = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
-    return {"accuracy": score / len(margins), "margin": sum(margins) / len(margins), "ties": sum(m == 0 for m in margins)}
+    return {
+        "accuracy": score / len(margins),
+        "margin": sum(margins) / len(margins),
+        "ties": sum(m == 0 for m in margins),
+    }
 
 
 def run_dpo(
@@ -228,7 +239,13 @@ def run_dpo(
     if not pairs:
         raise HippoError(f"{sources[0].path}: empty dataset (no usable preference pairs)")
     run = stage_run.begin_stage(
-        step, recipe, Path(out_dir), resume=resume, overwrite=overwrite, report_to=report_to, callbacks=callbacks
+        step,
+        recipe,
+        Path(out_dir),
+        resume=resume,
+        overwrite=overwrite,
+        report_to=report_to,
+        callbacks=callbacks,
     )
     if stats["identical_dropped"]:
         line = f"{stats['identical_dropped']} of {stats['pairs']} pairs dropped: chosen and rejected are identical"
@@ -316,9 +333,14 @@ def run_dpo(
     }
     adapter = stage_run.save_adapter(run, trainer)
     probe_data = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
-    probe = [list(r["prompt_ids"]) + list(r["chosen_ids"]) for r in probe_data.select(range(min(4, len(probe_data))))]
+    probe = [
+        list(r["prompt_ids"]) + list(r["chosen_ids"])
+        for r in probe_data.select(range(min(4, len(probe_data))))
+    ]
     del trainer, model
-    return stage_run.finish_stage(run, adapter, tokenizer, metrics, stage_run.probe_rows([{"input_ids": p} for p in probe]))
+    return stage_run.finish_stage(
+        run, adapter, tokenizer, metrics, stage_run.probe_rows([{"input_ids": p} for p in probe])
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,5 +349,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return run_stage_command(
-        args, "dpo", run_dpo, ["eval_reward_accuracy_before", "eval_reward_accuracy_after", "eval_reward_margin"]
+        args,
+        "dpo",
+        run_dpo,
+        ["eval_reward_accuracy_before", "eval_reward_accuracy_after", "eval_reward_margin"],
     )

@@ -13,7 +13,12 @@ weights do not change at all. So the merge here
 4. stores the merged model in the input model's dtype when that keeps at least 99% of the
    update, else in fp32 (``merge_dtype: auto``; a recipe may force one), and
 5. checks the stored weights against the unmerged model (base + adapter, fp32) on a few held-out
-   sequences: the largest absolute logit difference.
+   sequences: the largest absolute logit difference, and
+6. measures what a bf16 consumer (training the next stage, evaluating) sees of the stage: the
+   change of the logits from input to merged model, both run in bf16, against the same change in
+   fp32, ``effect_retained_bf16 = 1 - ‖Δlogits_bf16 - Δlogits_fp32‖ / ‖Δlogits_fp32‖``. Rounding
+   to bf16 acts like stochastic rounding, so this function-level share is often far higher than the
+   weight-level one; evaluation switches to fp32 when it falls below 95% (see eval precision).
 
 All of it goes into ``metrics.json`` as the stage's ``merge`` record.
 """
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 RETAIN = 0.99
+EFFECT_RETAIN = 0.95  # below this a bf16 consumer would not see the stage as it was trained
 CANDIDATES = ("fp32", "bf16", "fp16")
 
 
@@ -95,6 +101,18 @@ def _logits(model: Any, rows: list[list[int]]) -> list[Any]:
     return out
 
 
+def _effect_retained(before32: list, after32: list, before16: list, after16: list) -> float | None:
+    """Share of the fp32 logit change (input -> stage) that the same change shows in bf16."""
+    import torch
+
+    if not before32:
+        return None
+    want = torch.cat([(a - b).flatten() for a, b in zip(after32, before32, strict=True)])
+    got = torch.cat([(a - b).flatten() for a, b in zip(after16, before16, strict=True)])
+    norm = float(want.norm())
+    return 1.0 if norm == 0 else max(0.0, 1.0 - float((got - want).norm()) / norm)
+
+
 def merge_adapter(
     input_model: str,
     adapter: Path,
@@ -113,12 +131,15 @@ def merge_adapter(
     resolved = resolve_model(input_model)
     device = "cuda" if torch.cuda.is_available() else None
     base = load_model(resolved, precision="fp32", trust_remote_code=trust_remote_code, device=device)
+    rows = [r for r in (probe or []) if r]
+    before = _logits(base, rows)
     if resolved.is_local:
         input_dtype = stored_dtype(resolved)
     else:
-        input_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(str(getattr(base.config, "dtype", "")).split(".")[-1], "fp32")
+        input_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(
+            str(getattr(base.config, "dtype", "")).split(".")[-1], "fp32"
+        )
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False).eval()
-    rows = [r for r in (probe or []) if r]
     unmerged = _logits(model, rows)
     fidelity = update_fidelity(model)
     dtype = choose_dtype(store, input_dtype, fidelity["retained"])
@@ -128,6 +149,10 @@ def merge_adapter(
     merged.save_pretrained(out_dir)
     merged.float()  # exactly the stored values, widened: what a full-precision load of out_dir gives
     diffs = [float((a - b).abs().max()) for a, b in zip(_logits(merged, rows), unmerged, strict=True)]
+    merged_bf16 = _logits(merged.to(torch.bfloat16), rows)
+    del merged, model, base
+    input_bf16 = _logits(load_model(resolved, precision="bf16", trust_remote_code=trust_remote_code, device=device), rows)
+    effect = _effect_retained(before, unmerged, input_bf16, merged_bf16)
     return {
         "dtype": dtype,
         "merged_in": "fp32",
@@ -140,6 +165,7 @@ def merge_adapter(
         "update_rms": fidelity["update_rms"],
         "layers": fidelity["layers"],
         "max_abs_logit_diff": max(diffs) if diffs else None,
+        "effect_retained_bf16": effect,
         "probe_sequences": len(rows),
         "probe_tokens": sum(len(r) for r in rows),
     }

@@ -136,7 +136,11 @@ def newest_complete_checkpoint(work: Path) -> Path | None:
     if not work.is_dir():
         return None
     found = sorted(
-        (p for p in work.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and _checkpoint_step(p) >= 0),
+        (
+            p
+            for p in work.iterdir()
+            if p.is_dir() and p.name.startswith("checkpoint-") and _checkpoint_step(p) >= 0
+        ),
         key=_checkpoint_step,
         reverse=True,
     )
@@ -219,7 +223,9 @@ def begin_stage(
                 status(f"{step.stage}: no complete checkpoint in {work}; starting from the beginning")
         if main:
             work.mkdir(parents=True, exist_ok=True)
-            write_json(stamp, {"inputs_hash": step.inputs_hash, "stage": step.stage, "recipe_name": recipe.name})
+            write_json(
+                stamp, {"inputs_hash": step.inputs_hash, "stage": step.stage, "recipe_name": recipe.name}
+            )
     return run
 
 
@@ -248,8 +254,15 @@ def default_report_to() -> list[str]:
 
 def load_for_training(run: StageRun):
     """Load the input model and tokenizer in the stage precision (bf16 weights when training in bf16)."""
-    from hippocrates.models import load_model, load_tokenizer, resolve_model
+    from hippocrates.models import load_model, load_tokenizer, precision_for, resolve_model
 
+    if precision_for(run.model_path, run.precision)[0] != run.precision:
+        note = (
+            f"the input model's 16-bit weights keep less than 95% of its last stage's effect on the logits; "
+            f"this stage trains on them in {run.precision} (precision: fp32 trains on all of it)"
+        )
+        status(f"{run.stage}: {note}")
+        run.notes.append(note)
     resolved = resolve_model(run.model_path)
     tokenizer = load_tokenizer(resolved, trust_remote_code=run.recipe.trust_remote_code)
     model = load_model(resolved, precision=run.precision, trust_remote_code=run.recipe.trust_remote_code)
@@ -324,7 +337,9 @@ def train_summary(trainer) -> dict[str, Any]:
         "train_loss": losses[-1] if losses else None,
         "train_loss_first": losses[0] if losses else None,
         "train_steps": trainer.state.global_step,
-        "train_runtime_s": next((h["train_runtime"] for h in reversed(history) if "train_runtime" in h), None),
+        "train_runtime_s": next(
+            (h["train_runtime"] for h in reversed(history) if "train_runtime" in h), None
+        ),
         "log_history": history,
     }
 
@@ -376,7 +391,9 @@ def finish_stage(
     return metrics
 
 
-def _write_stage(run: StageRun, adapter: Path, tokenizer, metrics: dict[str, Any], probe: list[list[int]]) -> None:
+def _write_stage(
+    run: StageRun, adapter: Path, tokenizer, metrics: dict[str, Any], probe: list[list[int]]
+) -> None:
     from hippocrates.stages.card import model_card
     from hippocrates.stages.merge import merge_adapter
 

@@ -44,7 +44,8 @@ def encode_all(
     tokenizer, fmt: chat.Format, examples: list[Conversation], max_len: int, stats: Counter, last_only: bool
 ) -> list[dict]:
     encoded = (
-        chat.encode(tokenizer, ex, fmt, max_len=max_len, stats=stats, last_turn_only=last_only) for ex in examples
+        chat.encode(tokenizer, ex, fmt, max_len=max_len, stats=stats, last_turn_only=last_only)
+        for ex in examples
     )
     return [e for e in encoded if e is not None]
 
@@ -53,9 +54,13 @@ def report_counts(split: str, stats: Counter, total: int, max_len: int) -> list[
     """Human-readable lines for truncated / dropped / boundary-merged samples (stderr + notes)."""
     lines = []
     if stats["truncated"]:
-        lines.append(f"{split}: {stats['truncated']} of {total} samples longer than max_seq_len={max_len} were truncated")
+        lines.append(
+            f"{split}: {stats['truncated']} of {total} samples longer than max_seq_len={max_len} were truncated"
+        )
     if stats["dropped_no_response"]:
-        lines.append(f"{split}: {stats['dropped_no_response']} samples dropped: the prompt alone fills max_seq_len")
+        lines.append(
+            f"{split}: {stats['dropped_no_response']} samples dropped: the prompt alone fills max_seq_len"
+        )
     if stats["boundary_merged"]:
         lines.append(
             f"{split}: {stats['boundary_merged']} tokens merged across a prompt/response boundary (labelled)"
@@ -117,7 +122,13 @@ def run_sft(
     step = plan(recipe, model_path, Path(out_dir))
     mixture, held_out = load_mixture(recipe)
     run = stage_run.begin_stage(
-        step, recipe, Path(out_dir), resume=resume, overwrite=overwrite, report_to=report_to, callbacks=callbacks
+        step,
+        recipe,
+        Path(out_dir),
+        resume=resume,
+        overwrite=overwrite,
+        report_to=report_to,
+        callbacks=callbacks,
     )
     from hippocrates.stages.modeling import PackedCollator, SupervisedTokenTrainer, mean_nll
 
@@ -186,4 +197,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_stage_command(args, "sft", run_sft, ["eval_loss_before", "eval_loss_after", "truncated", "train_loss"])
+    return run_stage_command(
+        args, "sft", run_sft, ["eval_loss_before", "eval_loss_after", "truncated", "train_loss"]
+    )

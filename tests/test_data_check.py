@@ -10,8 +10,8 @@ import pytest
 
 from hippocrates.cli import main
 from hippocrates.config import Source, parse_recipe
-from hippocrates.data.check import check_recipe, read_benchmark
-from hippocrates.data.sources import clean_text, iter_records, to_instruction
+from hippocrates.data.check import check_recipe, eval_items
+from hippocrates.data.sources import clean_text, iter_conversations, iter_records, to_instruction
 from hippocrates.errors import HippoError
 from test_stages_helpers import write_jsonl
 
@@ -49,23 +49,38 @@ def benchmarks(root: Path) -> dict[str, Path]:
     pubmedqa = root / "ori_pqal.json"
     pubmedqa.write_text(
         json.dumps(
-            {"91234567": {"QUESTION": "Does exercise reduce falls?", "CONTEXTS": ["A trial.", "It did."]}}
+            {
+                "91234567": {
+                    "QUESTION": "Does exercise reduce falls?",
+                    "CONTEXTS": ["A trial.", "It did."],
+                    "final_decision": "yes",
+                    "LONG_ANSWER": "Exercise reduced falls.",
+                }
+            }  # fmt: skip
         )
     )
     usmle = write_jsonl(
-        root / "step_exams.jsonl", [{"question_id": 0, "text": "Which enzyme?\n (A) ADH\n (B) ALDH"}]
+        root / "step_exams.jsonl",
+        [
+            {
+                "question_id": 0,
+                "text": "Which enzyme?\n (A) ADH\n (B) ALDH",
+                "answer": "(B) ALDH",
+                "category": "one",
+            }
+        ],
     )
     return {"medqa": medqa, "medmcqa": medmcqa, "pubmedqa": pubmedqa, "usmle_step1": usmle}
 
 
-def test_readers_take_the_native_formats(tmp_path):
+def test_eval_sets_are_read_as_hippo_eval_reads_them(tmp_path):
     files = benchmarks(tmp_path)
-    assert read_benchmark("medqa", str(files["medqa"]))[0][1].endswith("ECG Discharge")
-    assert read_benchmark("medmcqa", str(files["medmcqa"])) == [
-        ("Nerve of the diaphragm?", "Nerve of the diaphragm? Phrenic Vagus a b")
+    assert eval_items("medqa", str(files["medqa"]))[0][1].startswith(STEM + ". Next step? ECG Discharge")
+    assert eval_items("medmcqa", str(files["medmcqa"])) == [
+        ("Nerve of the diaphragm?", "Nerve of the diaphragm? Phrenic Vagus a b ")
     ]
-    assert read_benchmark("pubmedqa", str(files["pubmedqa"]))[0][0] == "Does exercise reduce falls?"
-    assert read_benchmark("usmle_step1", str(files["usmle_step1"]))[0][0] == "Which enzyme?"
+    assert eval_items("pubmedqa", str(files["pubmedqa"]))[0][0] == "Does exercise reduce falls?"
+    assert eval_items("usmle_step1", str(files["usmle_step1"]))[0][0] == "Which enzyme?"
 
 
 def test_contamination_exact_and_13gram(tmp_path):
@@ -141,24 +156,38 @@ def test_sources_read_every_local_format(tmp_path):
         list(iter_records(Source(path=str(tmp_path / "a.xml"))))
 
 
-def test_cleaning_and_instruction_schemas():
+def test_cleaning_and_benchmark_records_as_training_data(tmp_path):
     assert clean_text("  a \t b  \r\n\n\n\nc  ") == "a b\n\nc"
     assert clean_text(" \n\t ") == ""
-    mcq = {"question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 2, "subject_name": "s"}
-    assert to_instruction(mcq, "f:1")["output"].startswith("(B) x")  # release files: 1-based
-    assert to_instruction(mcq, "hub#1", hub=True)["output"].startswith("(C) y")  # hub: 0-based
+
+    def answers(rows, **source) -> list[str]:
+        path = write_jsonl(tmp_path / f"{len(list(tmp_path.iterdir()))}.jsonl", rows)
+        return [m[-1]["content"] for _, m in iter_conversations(Source(path=str(path), **source))]
+
+    mcq = {"question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 2, "exp": "Why."}
+    assert answers([mcq]) == ["(B) x. Why."]  # release files: 1-based, explanation kept
     medqa_hf = {"sent1": "Q?", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", "label": 3}
-    assert to_instruction(medqa_hf, "x")["output"] == "(D) d."
-    pubmed = {
-        "question": "Q?",
-        "context": {"contexts": ["c1"]},
-        "long_answer": "Because.",
-        "final_decision": "yes",
-    }
-    assert to_instruction(pubmed, "x")["output"] == "yes. Because."
+    assert answers([medqa_hf]) == ["(D) d."]
+    assert answers([mcq], prompt="letter") == ["B"] and answers([mcq], prompt="hippocrates") == ["x"]
+    with pytest.raises(HippoError, match=r"jsonl:1: 'label' must be an option index 0..3, got 7"):
+        answers([{**medqa_hf, "label": 7}])
+    assert answers([{**mcq, "cop": "B"}, mcq]) == ["(B) x. Why."]  # the unusable one is counted, not a crash
     assert to_instruction({"Question": "q", "Answer": "a"}, "x")["instruction"] == "q"
     with pytest.raises(HippoError, match="f:3: not an instruction record"):
         to_instruction({"foo": 1}, "f:3")
+
+
+def test_pubmedqa_release_file_trains_on_its_non_test_half(tmp_path):
+    truth = {"1": "yes"}
+    records = {pmid: {"QUESTION": f"Q{pmid}?", "CONTEXTS": ["c"], "final_decision": d, "LONG_ANSWER": "L."}
+               for pmid, d in (("1", "yes"), ("2", "no"), ("3", "maybe"))}  # fmt: skip
+    (tmp_path / "ori_pqal.json").write_text(json.dumps(records))
+    (tmp_path / "test_ground_truth.json").write_text(json.dumps(truth))
+    rows = list(iter_conversations(Source(path=str(tmp_path / "ori_pqal.json"))))
+    assert [m[-1]["content"] for _, m in rows] == ["no. L.", "maybe. L."]  # PMID 1 is a test item
+    assert "Abstract: c\nQuestion: Q2?" in rows[0][1][0]["content"]
+    every = list(iter_conversations(Source(path=str(tmp_path / "ori_pqal.json"), split="all")))
+    assert len(every) == 3
 
 
 def test_streamed_cpt_corpus_memory_does_not_grow(tmp_path):

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
+from hippocrates.data.benchmarks import Item
 from hippocrates.errors import HippoError
-from hippocrates.eval.formats import Item
 from hippocrates.eval.loaders import TaskData
 from hippocrates.eval.prompts import build_prompts
 from hippocrates.eval.registry import resolve_tasks

@@ -61,17 +61,48 @@ class TrainSettings(Strict):
     save_total_limit: int = Field(2, gt=0)
 
 
+SourceFormat = Literal[
+    "auto",
+    "messages",
+    "sharegpt",
+    "prompt-completion",
+    "alpaca",
+    "qa",
+    "medqa",
+    "medmcqa",
+    "pubmedqa",
+    "usmle",
+    "mc",
+]
+
+
 class Source(Strict):
     """One data source of a mixture: a local file (jsonl/json/txt/parquet/csv) or an HF dataset id."""
 
     path: str
     weight: float = Field(1.0, gt=0.0, description="relative sampling weight in the mixture")
-    split: str = "train"
+    split: str = Field(
+        "train", description="hub split; pubmedqa files: train (not the test PMIDs), test or all"
+    )
     subset: str | None = None
     text_field: str = "text"
     kind: Literal["general", "evaluation", "text"] = "text"
     max_samples: int | None = Field(None, gt=0)
     streaming: bool = False
+    format: SourceFormat = Field(
+        "auto", description="the records' shape; auto recognises it from the fields (never from the content)"
+    )
+    columns: dict[str, str | int | list[str | int]] | None = Field(
+        None,
+        description="where fields are: for format mc {question, options, answer, id, context: your column}; "
+        "for the conversation shapes {our field: your field}, e.g. {instruction: q, output: a}",
+    )
+    answer_format: Literal["auto", "letter", "index", "index1", "text"] = "auto"
+    prompt: Literal["instruction", "hippocrates", "letter"] = Field(
+        "instruction",
+        description="benchmark sources: an instruction with lettered options answered '(B) text.', or the "
+        "evaluation prompt (hippocrates: answered with the option text; letter: with the letter)",
+    )
 
 
 class CPTStage(Strict):

@@ -47,10 +47,10 @@ def check_source(recipe: Recipe, key: str, source: Source, how: str) -> None:
         for where, record in iter_records(source):
             text_of(record, source.text_field, where)
     elif how == "conversation":
-        from hippocrates.data.conversations import to_messages
+        from hippocrates.data.sources import iter_conversations
 
-        for where, record in iter_records(source):
-            to_messages(record, where)
+        for _ in iter_conversations(source):
+            pass
     elif how == "preference":
         from collections import Counter
 

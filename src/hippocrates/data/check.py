@@ -8,8 +8,8 @@ training data is streamed past them: memory does not grow with the training corp
 
 ``hippo data stats FILE`` describes one file: records, fields, token counts and duplicate records.
 
-The benchmark readers here are deliberately small (question text only) and independent of the
-evaluation package, which has the full loaders.
+Evaluation sets are read by the one benchmark reader, exactly as ``hippo eval`` reads them, and
+instruction sources as the SFT stage reads them.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hippocrates.config import Recipe, Source, load_recipe
-from hippocrates.data.io import iter_jsonl, read_json
-from hippocrates.data.sources import iter_records, to_instruction
+from hippocrates.data.sources import iter_records
 from hippocrates.errors import HippoError
 
 N = 13
@@ -40,40 +39,22 @@ def normal(text: str) -> str:
     return " ".join(words(text))
 
 
-# ------------------------------------------------------------------------------------ benchmark readers
+# ------------------------------------------------------------------------------------ evaluation sets
 
 
-def read_benchmark(task: str, path: str) -> list[tuple[str, str]]:
-    """(question, question + options/context) of each item of an evaluation file in its native format."""
+def eval_items(task: str, path: str) -> list[tuple[str, str]]:
+    """(question, question + options + passage) of each item of an evaluation set, read exactly as
+    ``hippo eval`` reads it (the task's reader; every record, whatever the task's split)."""
+    from hippocrates.data.benchmarks import read_benchmark
+    from hippocrates.eval.registry import resolve_tasks
+
     p = Path(path)
     if not p.is_file():
         raise HippoError(f"eval.data.{task}: {p}: file not found")
-    if task.startswith("pubmedqa") or p.suffix == ".json":
-        data = read_json(p)
-        items = data.values() if isinstance(data, dict) else data
-        out = []
-        for it in (i for i in items if isinstance(i, dict)):
-            question = str(it.get("QUESTION") or it.get("question") or "")
-            out.append((question, " ".join([question, *(it.get("CONTEXTS") or [])])))
-        return out
-    out = []
-    for line, rec in iter_jsonl(p):
-        if task.startswith("medmcqa") or "opa" in rec:
-            question = str(rec.get("question") or "")
-            text = " ".join([question, *(str(rec.get(k) or "") for k in ("opa", "opb", "opc", "opd"))])
-        elif task.startswith("medqa") or "options" in rec:
-            options = rec.get("options") or {}
-            question = str(rec.get("question") or "")
-            text = " ".join([question, *map(str, options.values() if isinstance(options, dict) else options)])
-        elif "text" in rec:
-            question = text = str(rec["text"])
-            question = re.split(r"\n\s*\(A\)", question)[0]  # USMLE: the stem before the options
-        else:
-            question = text = " ".join(str(v) for v in rec.values() if isinstance(v, str))
-        if not question.strip():
-            raise HippoError(f"{p}:{line}: no question text")
-        out.append((question, text))
-    return out
+    spec = resolve_tasks([task])[0]
+    reader = spec.model_copy(update={"split": "all"}) if spec.format == "pubmedqa" else spec
+    read = read_benchmark(reader, p, prefix=task)
+    return [(it.question, " ".join([it.question, *it.options, it.context or ""])) for it in read.items]
 
 
 # ---------------------------------------------------------------------------------- training records
@@ -99,10 +80,9 @@ def stem(text: str) -> str:
 def record_texts(record: dict[str, Any], how: str, source: Source, where: str) -> tuple[str, list[str]]:
     """(full text for n-grams and tokens, candidate strings for exact matching) of one record."""
     if how == "instruction":
-        ex = to_instruction(record, where)
-        prompt = f"{ex['instruction']} {ex['input']}".strip()
-        parts = [prompt, ex["instruction"], ex["input"], ex["output"]]
-        return f"{prompt} {ex['output']}", parts + [stem(p) for p in parts[1:3]]
+        parts = [m["content"] + (f" {m['input']}" if m.get("input") else "") for m in record["messages"]]
+        users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        return " ".join(parts), parts + users + [stem(u) for u in users] + [_question_line(u) for u in users]
     if how == "preference":
         parts = [str(record.get(k) or "") for k in ("prompt", "chosen", "rejected")]
         return " ".join(parts), parts
@@ -110,6 +90,23 @@ def record_texts(record: dict[str, Any], how: str, source: Source, where: str) -
     if not isinstance(text, str):
         raise HippoError(f"{where}: missing field '{source.text_field}'")
     return text, [text]
+
+
+def _question_line(text: str) -> str:
+    """The question of a rendered benchmark item ("...Question: X\n(A) ...")."""
+    match = re.search(r"Question:\s*(.*?)(?:\n|$)", text)
+    return match.group(1) if match else ""
+
+
+def source_records(how: str, source: Source) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A training source's records as the checks see them (conversations for instruction sources)."""
+    if how == "instruction":
+        from hippocrates.data.sources import iter_conversations
+
+        for where, messages in iter_conversations(source):
+            yield where, {"messages": messages}
+    else:
+        yield from iter_records(source)
 
 
 @dataclass
@@ -152,12 +149,12 @@ def count_tokens(tokenizer, texts: list[str]) -> int:
 
 def check_recipe(recipe: Recipe, tokenizer) -> dict[str, Any]:
     """Token counts per training source and contamination of every eval set by every source."""
-    evals = [EvalIndex(task, read_benchmark(task, path)) for task, path in sorted(recipe.eval.data.items())]
+    evals = [EvalIndex(task, eval_items(task, path)) for task, path in sorted(recipe.eval.data.items())]
     sources, overlap = [], []
     for stage, source, how in training_sources(recipe):
         hits = {e.name: (set(), set()) for e in evals}
         records, tokens, batch = 0, 0, []
-        for where, record in iter_records(source):
+        for where, record in source_records(how, source):
             text, candidates = record_texts(record, how, source, where)
             records += 1
             batch.append(text)

@@ -97,21 +97,33 @@ def check(messages: list[Message], where: str) -> list[Message]:
     return messages
 
 
-def to_messages(record: dict[str, Any], where: str, *, hub: bool = False) -> list[Message]:
-    """One training record as a conversation; a record of no known shape names its fields."""
+def to_messages(record: dict[str, Any], where: str, *, shape: str = "auto") -> list[Message]:
+    """One training record as a conversation; a record of no known shape names its fields.
+
+    ``shape`` (a source's ``format:``) says which shape to expect; ``auto`` recognises it.
+    """
     from hippocrates.data.sources import to_instruction
 
-    if "messages" in record:
+    fields = {"messages": "messages", "sharegpt": "conversations"}
+    if shape in fields and fields[shape] not in record:
+        raise HippoError(
+            f"{where}: format {shape} needs the field '{fields[shape]}' (have: {', '.join(sorted(record))})"
+        )
+    if shape == "prompt-completion" and not {"prompt", "completion"} <= set(record):
+        raise HippoError(
+            f"{where}: format prompt-completion needs 'prompt' and 'completion' (have: {', '.join(sorted(record))})"
+        )
+    if "messages" in record and shape in ("auto", "messages"):
         messages = _openai(record["messages"], where, "messages")
-    elif "conversations" in record:
+    elif "conversations" in record and shape in ("auto", "sharegpt"):
         messages = _sharegpt(record["conversations"], where)
-    elif "prompt" in record and "completion" in record:
+    elif "prompt" in record and "completion" in record and shape in ("auto", "prompt-completion"):
         messages = _part(record["prompt"], where, "prompt", "user") + _part(
             record["completion"], where, "completion", "assistant"
         )
     else:
         try:
-            ex = to_instruction(record, where, hub=hub)
+            ex = to_instruction(record, where)
         except HippoError as exc:
             if "not an instruction record" not in str(exc):
                 raise

@@ -5,23 +5,29 @@ A recipe ``Source`` names either a local file (``.jsonl``, ``.json``, ``.txt``/`
 in memory, and every record comes with a location (``file:line`` or ``id[split]#row``) so a bad
 record is reported where the user can find it.
 
-The paper's SFT mixture mixes datasets with different schemas (Alpaca-style, MedMCQA, MedQA, PubMedQA,
-plain question/answer). :func:`to_instruction` recognises those schemas explicitly and fails with the
-fields it saw when it does not, rather than guessing.
+The paper's SFT mixture mixes datasets of different shapes (Alpaca-style, chat conversations, the
+benchmarks' own release files, plain question/answer pairs). :func:`iter_conversations` turns any of
+them into conversations: benchmark files through the one benchmark reader
+(:mod:`hippocrates.data.benchmarks`), the rest through :mod:`hippocrates.data.conversations`. Shapes are
+recognised from the fields (or named with ``format:``), never guessed from content.
 """
 
 from __future__ import annotations
 
-import csv
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hippocrates.config import Source
-from hippocrates.data.io import iter_jsonl, read_json, sha256_file
+from hippocrates.data.benchmarks import Item, Reader, Skip, detect_format, parser_for, read_benchmark
+from hippocrates.data.io import iter_csv, iter_jsonl, iter_lines, read_json, sha256_file
 from hippocrates.errors import HippoError
+from hippocrates.progress import status
+
+BENCHMARKS = ("medqa", "medqa_hf", "medmcqa", "pubmedqa", "usmle", "mc")
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".txt", ".md", ".parquet", ".csv", ".tsv"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -67,10 +73,8 @@ def _iter_local(source: Source) -> Iterator[tuple[str, Record]]:
     elif suffix == ".parquet":
         yield from _iter_parquet(path)
     elif suffix in {".csv", ".tsv"}:
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            for number, row in enumerate(reader, 2):
-                yield f"{path}:{number}", dict(row)
+        for number, row in iter_csv(path, delimiter="\t" if suffix == ".tsv" else ","):
+            yield f"{path}:{number}", row
     else:
         raise HippoError(
             f"{path}: unsupported file type '{suffix}' (use {', '.join(sorted(LOCAL_SUFFIXES))})"
@@ -81,15 +85,14 @@ def _iter_text(path: Path, field: str) -> Iterator[tuple[str, Record]]:
     """Plain text: documents are separated by blank lines (a paragraph per document)."""
     lines: list[str] = []
     start = 1
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                if not lines:
-                    start = number
-                lines.append(line)
-            elif lines:
-                yield f"{path}:{start}", {field: "".join(lines)}
-                lines = []
+    for number, line in iter_lines(path):
+        if line.strip():
+            if not lines:
+                start = number
+            lines.append(line)
+        elif lines:
+            yield f"{path}:{start}", {field: "".join(lines)}
+            lines = []
     if lines:
         yield f"{path}:{start}", {field: "".join(lines)}
 
@@ -175,20 +178,117 @@ def text_of(record: Record, field: str, where: str) -> str:
 
 # ------------------------------------------------------------------------------- instruction schemas
 
-LETTERS = "ABCDE"
+INSTRUCTION = {
+    "options": "Answer the following multiple-choice question.",
+    "abstract": "Answer the research question with yes, no or maybe, based on the abstract.",
+}
 
 
-def _options_line(options: list[str]) -> str:
-    return " ".join(f"({LETTERS[i]}) {text}" for i, text in enumerate(options))
+def benchmark_messages(item: Item, prompt: str = "instruction") -> list[dict[str, str]]:
+    """A benchmark item as a training conversation, with its answer (and explanation when it has one).
+
+    ``instruction``: an instruction, the question with lettered options, answered ``(B) text.``;
+    ``hippocrates`` / ``letter``: the evaluation's own question text, answered as it is scored.
+    """
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    abstract = item.context is not None and [o.lower() for o in item.options] == ["yes", "no", "maybe"]
+    if prompt == "instruction":
+        if abstract:
+            user = f"{INSTRUCTION['abstract']}\n\nAbstract: {item.context}\nQuestion: {item.question}"
+            answer = item.options[item.gold]
+        else:
+            listed = " ".join(f"({letters[i]}) {o}" for i, o in enumerate(item.options))
+            context = f"{item.context}\n" if item.context else ""
+            user = f"{INSTRUCTION['options']}\n\n{context}Question: {item.question}\n{listed}"
+            answer = f"({letters[item.gold]}) {item.options[item.gold]}"
+        answer += "." + (f" {item.explanation.strip()}" if item.explanation else "")
+    else:
+        if abstract:
+            user = f"Abstract: {item.context}\nQuestion: {item.question}\nAnswer:"
+        elif prompt == "letter":
+            lines = "".join(f"{letters[i]}. {o}\n" for i, o in enumerate(item.options))
+            user = f"Question: {item.question}\n{lines}Answer:"
+        else:
+            listed = " ".join(f"({letters[i]}) {o}" for i, o in enumerate(item.options))
+            user = f"Question: {item.question}\n{listed}\nAnswer:"
+        answer = letters[item.gold] if prompt == "letter" and not abstract else item.options[item.gold]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
-def to_instruction(record: Record, where: str, *, hub: bool = False) -> dict[str, str]:
-    """Map one record of a known schema to ``{"instruction", "input", "output"}``.
+def benchmark_reader(source: Source, fmt: str, *, hub: bool = False) -> Reader:
+    """The one benchmark reader, set up for a training source (never its test split)."""
+    from hippocrates.data.benchmarks import Columns
 
-    Known schemas: Alpaca/medalpaca (instruction, input, output), MedMCQA (question, opa..opd, cop),
-    MedQA-hf (sent1, ending0..3, label), MedQA jsonl (question, options, answer_idx), PubMedQA
-    (question, context, long_answer, final_decision) and plain question/answer pairs. MedMCQA's ``cop``
-    is 1-based in the original release files and 0-based on the hub, hence ``hub``.
+    columns = Columns(**source.columns) if fmt == "mc" and source.columns else Columns()
+    if fmt == "medmcqa" and hub:  # the hub's cop is 0-based, the release's 1-based
+        return Reader(format="mc", columns=Columns(id="id", question="question", options=["opa", "opb", "opc", "opd"],
+                                                   answer="cop"), answer_format="index")  # fmt: skip
+    split = source.split if source.split in ("train", "test", "all") else "train"
+    return Reader(format=fmt, columns=columns, answer_format=source.answer_format, split=split)  # type: ignore[arg-type]
+
+
+def iter_conversations(
+    source: Source, stats: Counter | None = None
+) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """``(location, conversation)`` of every training record of a source, in any accepted shape.
+
+    Benchmark files (named by ``format:``, or recognised by their fields) go through the one benchmark
+    reader, so training reads them exactly as evaluation does; unusable records are counted in
+    ``stats`` and reported, the rest become conversations with their answers.
+    """
+    from hippocrates.data.conversations import to_messages
+
+    stats = stats if stats is not None else Counter()
+    fmt = source.format
+    hub = not is_local(source)
+    if fmt == "auto":
+        first = next(iter_records(source), None)
+        fmt = (detect_format(first[1]) or "auto") if first else "auto"
+    if fmt in BENCHMARKS:
+        reader = benchmark_reader(source, "medqa" if fmt == "medqa_hf" else fmt, hub=hub)
+        if hub or fmt == "medqa_hf":
+            parse = parser_for(reader, fmt if fmt == "medqa_hf" else None)
+            for where, record in iter_records(source):
+                try:
+                    question, options, gold, *rest = parse(record)
+                except Skip as exc:
+                    raise HippoError(f"{where}: {exc}") from None
+                item = Item(where, question, options, gold, rest[0] if rest else None, where)
+                yield where, benchmark_messages(item, source.prompt)
+            return
+        read = read_benchmark(reader, Path(source.path).expanduser(), prefix=Path(source.path).stem)
+        for what, entries in (("unusable", read.skipped), ("repeated", read.duplicates)):
+            if entries:
+                stats[f"{what}_records"] += len(entries)
+                status(f"{source.path}: left out {len(entries)} {what} record(s), e.g. {entries[0][1]}")
+        if read.other and reader.format == "pubmedqa" and reader.split == "train":
+            stats["test_items_left_out"] += len(read.other)
+            status(
+                f"{source.path}: left out the {len(read.other)} official test PMIDs ({reader.ground_truth} beside it)"
+            )
+        items = read.items[: source.max_samples] if source.max_samples else read.items
+        for item in items:
+            yield item.where, benchmark_messages(item, source.prompt)
+        return
+    for where, record in iter_records(source):
+        yield where, to_messages(_renamed(record, source.columns), where, shape=fmt)
+
+
+def _renamed(record: dict[str, Any], columns: dict[str, Any] | None) -> dict[str, Any]:
+    """A record with its fields under our names ({our field: your field})."""
+    if not columns:
+        return record
+    out = dict(record)
+    for ours, theirs in columns.items():
+        if isinstance(theirs, str) and theirs in record:
+            out[ours] = record[theirs]
+    return out
+
+
+def to_instruction(record: Record, where: str) -> dict[str, str]:
+    """An Alpaca/medalpaca record (instruction, input, output) or a plain question/answer pair.
+
+    Benchmark records never come here: :func:`iter_conversations` reads them with the benchmark reader.
     """
     keys = set(record)
     if {"instruction", "output"} <= keys:
@@ -197,53 +297,13 @@ def to_instruction(record: Record, where: str, *, hub: bool = False) -> dict[str
             "input": str(record.get("input") or ""),
             "output": str(record["output"] or ""),
         }
-    elif {"question", "opa", "opb", "opc", "opd", "cop"} <= keys:
-        options = [str(record[k]) for k in ("opa", "opb", "opc", "opd")]
-        answer = int(record["cop"]) - (0 if hub else 1)
-        if not 0 <= answer < 4:
-            raise HippoError(f"{where}: field 'cop' out of range ({record['cop']!r})")
-        explanation = f" {record['exp']}" if record.get("exp") else ""
-        out = {
-            "instruction": "Answer the following multiple-choice question.",
-            "input": f"Question: {record['question']}\n{_options_line(options)}",
-            "output": f"({LETTERS[answer]}) {options[answer]}.{explanation}",
-        }
-    elif {"sent1", "ending0", "label"} <= keys:
-        options = [str(record[f"ending{i}"]) for i in range(4) if f"ending{i}" in record]
-        answer = int(record["label"])
-        out = {
-            "instruction": "Answer the following multiple-choice question.",
-            "input": f"Question: {record['sent1']}\n{_options_line(options)}",
-            "output": f"({LETTERS[answer]}) {options[answer]}.",
-        }
-    elif {"question", "options", "answer_idx"} <= keys and isinstance(record["options"], dict):
-        options = [str(v) for _, v in sorted(record["options"].items())]
-        letter = str(record["answer_idx"])
-        out = {
-            "instruction": "Answer the following multiple-choice question.",
-            "input": f"Question: {record['question']}\n{_options_line(options)}",
-            "output": f"({letter}) {record['options'].get(letter, '')}.",
-        }
-    elif {"question", "final_decision"} <= keys:
-        context = record.get("context") or record.get("CONTEXTS") or ""
-        if isinstance(context, dict):
-            context = " ".join(context.get("contexts") or [])
-        elif isinstance(context, list):
-            context = " ".join(context)
-        reason = record.get("long_answer") or record.get("LONG_ANSWER") or ""
-        out = {
-            "instruction": "Answer the research question with yes, no or maybe, based on the abstract.",
-            "input": f"Abstract: {context}\nQuestion: {record['question']}",
-            "output": f"{record['final_decision']}. {reason}".strip(),
-        }
     else:
         lower = {k.lower(): k for k in keys}
         q = next((lower[k] for k in ("question", "prompt", "input") if k in lower), None)
         a = next((lower[k] for k in ("answer", "response", "output", "completion") if k in lower), None)
         if q is None or a is None:
             raise HippoError(
-                f"{where}: not an instruction record: need instruction+output, a known benchmark schema, "
-                f"or question+answer (have: {', '.join(sorted(keys)) or 'none'})"
+                f"{where}: not an instruction record (have: {', '.join(sorted(keys)) or 'none'})"
             )
         out = {"instruction": str(record[q] or ""), "input": "", "output": str(record[a] or "")}
     if not out["instruction"].strip():

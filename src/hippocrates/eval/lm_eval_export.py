@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hippocrates import __version__
+from hippocrates.data.benchmarks import Item
 from hippocrates.errors import HippoError
-from hippocrates.eval.formats import Item
 from hippocrates.eval.loaders import load_task
 from hippocrates.eval.prompts import DEFAULT_SEED, choices, description, question_turn
 from hippocrates.eval.registry import TaskSpec, parse_task_yaml

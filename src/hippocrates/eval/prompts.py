@@ -37,8 +37,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from hippocrates.data.benchmarks import LETTERS, Item
 from hippocrates.errors import HippoError
-from hippocrates.eval.formats import LETTERS, Item
 from hippocrates.eval.loaders import TaskData
 from hippocrates.eval.registry import TaskSpec
 

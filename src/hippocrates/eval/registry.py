@@ -12,31 +12,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from hippocrates.config import format_validation_error
+from hippocrates.config import format_validation_error, load_yaml
+from hippocrates.data.benchmarks import AnswerFormat, Columns, Format, Reader, Strict
+from hippocrates.data.io import read_text
 from hippocrates.errors import HippoError
 
 BUILTIN_DIR = Path(__file__).with_name("tasks")
-Format = Literal["medqa", "medmcqa", "pubmedqa", "usmle", "mc"]
-AnswerFormat = Literal["auto", "letter", "index", "index1", "text"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Columns(Strict):
-    """Where the generic ``mc`` parser finds each field of a record."""
-
-    id: str | None = Field(None, description="id column; default: the line number")
-    question: str = "question"
-    options: str | list[str] = Field(
-        "options", description="one column holding a list or {letter: text} dict, or a list of columns"
-    )
-    answer: str = "answer"
-    context: str | None = Field(None, description="optional passage shown before the question")
 
 
 class HFSource(Strict):
@@ -52,24 +35,17 @@ class HFSource(Strict):
     answer_format: AnswerFormat = "auto"
 
 
-class TaskSpec(Strict):
-    """One evaluation task: which records, how to parse them, how to phrase them."""
+class TaskSpec(Reader):
+    """One evaluation task: which file, how to read it (the :class:`Reader` fields), how to phrase it."""
 
     task: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     title: str = ""
-    format: Format
     file: str | None = Field(None, description="default file, relative to --data-dir")
     fewshot_files: list[str] = Field(
         default_factory=list, description="few-shot pool files looked for next to the data file"
     )
     template: Literal["options", "abstract"] = "options"
     letter_header: str = Field("", description="line(s) before the 'A. ...' options in the letter prompt")
-    category: str | None = Field(None, description="usmle: keep records of this category")
-    split: Literal["test", "all"] = Field("test", description="pubmedqa: the 500 test PMIDs, or all")
-    ground_truth: str = "test_ground_truth.json"
-    choices: list[str] = Field(default_factory=lambda: ["yes", "no", "maybe"])
-    columns: Columns = Columns()
-    answer_format: AnswerFormat = "auto"
     hf: HFSource | None = None
     source: str = Field("", exclude=True)
 
@@ -79,15 +55,8 @@ class TaskSpec(Strict):
 
 def parse_task_yaml(path: Path) -> TaskSpec:
     """Read one task YAML; any problem is one line naming the file (and line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise HippoError(f"{path}: cannot read task file ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise HippoError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
+    text = read_text(path)
+    raw = load_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise HippoError(f"{path}: a task file must be a YAML mapping")
     try:

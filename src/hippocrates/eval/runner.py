@@ -150,7 +150,9 @@ def eval_step(
     return Step("eval", config, model=str(model), data=files, precision=precision)
 
 
-def recipe_eval_options(recipe: Any, shots: int, limit: int | None, model: str | None = None) -> dict[str, Any]:
+def recipe_eval_options(
+    recipe: Any, shots: int, limit: int | None, model: str | None = None
+) -> dict[str, Any]:
     """The evaluate() protocol of the recipe's eval section at ``shots`` (shared by the pipeline, the
     ablation and the sweep). ``eval.precision: auto`` runs ``model`` in fp32 when its 16-bit weights
     would not show what its last stage trained (see hippocrates.models.precision_for)."""
@@ -158,7 +160,11 @@ def recipe_eval_options(recipe: Any, shots: int, limit: int | None, model: str |
 
     ev = recipe.eval
     wanted = recipe.precision if ev.precision == "auto" else ev.precision
-    precision, why = precision_for(model, wanted) if model and ev.precision == "auto" else (resolve_precision(wanted), None)
+    precision, why = (
+        precision_for(model, wanted)
+        if model and ev.precision == "auto"
+        else (resolve_precision(wanted), None)
+    )
     if why:
         status(f"eval: {why}")
     return {

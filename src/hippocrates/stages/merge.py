@@ -151,7 +151,9 @@ def merge_adapter(
     diffs = [float((a - b).abs().max()) for a, b in zip(_logits(merged, rows), unmerged, strict=True)]
     merged_bf16 = _logits(merged.to(torch.bfloat16), rows)
     del merged, model, base
-    input_bf16 = _logits(load_model(resolved, precision="bf16", trust_remote_code=trust_remote_code, device=device), rows)
+    input_bf16 = _logits(
+        load_model(resolved, precision="bf16", trust_remote_code=trust_remote_code, device=device), rows
+    )
     effect = _effect_retained(before, unmerged, input_bf16, merged_bf16)
     return {
         "dtype": dtype,

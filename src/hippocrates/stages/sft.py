@@ -22,8 +22,7 @@ from typing import Any
 
 from hippocrates import chat
 from hippocrates.config import Recipe, Source
-from hippocrates.data.conversations import to_messages
-from hippocrates.data.sources import describe, is_local, iter_records
+from hippocrates.data.sources import describe, iter_conversations
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
 from hippocrates.record import Step
@@ -35,9 +34,9 @@ from hippocrates.stages.packing import count_tokens, make_rows
 Conversation = list[dict[str, Any]]
 
 
-def load_examples(source: Source) -> list[Conversation]:
-    hub = not is_local(source)
-    return [to_messages(record, where, hub=hub) for where, record in iter_records(source)]
+def load_examples(source: Source, stats: Counter | None = None) -> list[Conversation]:
+    """Every record of a source as a conversation (benchmark files through the benchmark reader)."""
+    return [messages for _, messages in iter_conversations(source, stats)]
 
 
 def encode_all(
@@ -70,10 +69,12 @@ def report_counts(split: str, stats: Counter, total: int, max_len: int) -> list[
     return lines
 
 
-def load_mixture(recipe: Recipe) -> tuple[list[Conversation], list[Conversation]]:
+def load_mixture(
+    recipe: Recipe, stats: Counter | None = None
+) -> tuple[list[Conversation], list[Conversation]]:
     """Read and validate every source (before anything is written), then draw the weighted mixture."""
     cfg = recipe.stages.sft
-    pools = [load_examples(s) for s in cfg.data]
+    pools = [load_examples(s, stats) for s in cfg.data]
     for source, pool in zip(cfg.data, pools, strict=True):
         if not pool:
             raise HippoError(f"{source.path}: empty dataset (no records)")
@@ -120,7 +121,8 @@ def run_sft(
     if not cfg.data:
         raise HippoError(f"{recipe.where('stages.sft.data')}: no instruction data given")
     step = plan(recipe, model_path, Path(out_dir))
-    mixture, held_out = load_mixture(recipe)
+    source_stats: Counter = Counter()
+    mixture, held_out = load_mixture(recipe, source_stats)
     run = stage_run.begin_stage(
         step,
         recipe,
@@ -181,6 +183,7 @@ def run_sft(
         "truncated": train_stats["truncated"],
         "dropped_no_response": train_stats["dropped_no_response"],
         "boundary_merged": train_stats["boundary_merged"],
+        "source_records_left_out": dict(source_stats),
         "eval_samples": eval_stats["samples"],
         "eval_truncated": eval_stats["truncated"],
         "supervised_tokens_per_s": round(trainer.supervised_tokens / runtime, 1) if runtime else None,

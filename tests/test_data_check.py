@@ -169,8 +169,11 @@ def test_cleaning_and_benchmark_records_as_training_data(tmp_path):
     medqa_hf = {"sent1": "Q?", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", "label": 3}
     assert answers([medqa_hf]) == ["(D) d."]
     assert answers([mcq], prompt="letter") == ["B"] and answers([mcq], prompt="hippocrates") == ["x"]
-    with pytest.raises(HippoError, match=r"jsonl:1: 'label' must be an option index 0..3, got 7"):
+    with pytest.raises(
+        HippoError, match=r"no usable medqa_hf records .*jsonl:1: 'label' must be an option index 0..3, got 7"
+    ):
         answers([{**medqa_hf, "label": 7}])
+    assert answers([{**medqa_hf, "label": 7}, medqa_hf]) == ["(D) d."]  # counted and reported, not a crash
     assert answers([{**mcq, "cop": "B"}, mcq]) == ["(B) x. Why."]  # the unusable one is counted, not a crash
     assert to_instruction({"Question": "q", "Answer": "a"}, "x")["instruction"] == "q"
     with pytest.raises(HippoError, match="f:3: not an instruction record"):

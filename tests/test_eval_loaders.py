@@ -156,8 +156,8 @@ def test_generic_mc_csv_and_bad_yaml(tmp_path):
         'id,question,options,answer\nq1,Why?,"[""x"", ""y""]",y\nq2,How?,"[""x""]",x\n'
     )
     data = task("mc", data=str(tmp_path / "q.csv"))
-    assert [(it.id, it.gold) for it in data.items] == [("q1", 1)]
-    assert data.skipped[0][0] == "q2" and "at least 2 options" in data.skipped[0][1]
+    assert [(it.id, it.gold) for it in data.items] == [("mc-2", 1)]  # the generic task names no id column
+    assert data.skipped[0][0] == "mc-3" and "at least 2 options" in data.skipped[0][1]
     (tmp_path / "bad.yaml").write_text("task: bad\nformat: mc\ncolums: {}\n")
     with pytest.raises(HippoError, match=r"bad.yaml:3: colums: unknown key"):
         resolve_tasks([str(tmp_path / "bad.yaml")])
@@ -173,3 +173,60 @@ def test_real_release_files(shared_data, name, n, pool):
     data = task(name, data_dir=str(shared_data))
     assert (len(data.items), len(data.pool)) == (n, pool)
     assert len(data.skipped) == (1 if name.startswith("usmle") else 0)  # the record with no category
+
+
+def _task_yaml(tmp_path, body: str):
+    (tmp_path / "t.yaml").write_text("task: t\nformat: mc\n" + body)
+    return resolve_tasks([str(tmp_path / "t.yaml")])[0]
+
+
+def test_a_csv_without_header_and_with_a_bom(tmp_path):
+    (tmp_path / "mmlu.csv").write_bytes(
+        "\ufeffWhich nerve?,Vagus,Phrenic,Optic,Ulnar,B\nWhich bone?,Femur,Tibia,Ulna,Radius,A\n".encode()
+    )
+    spec = _task_yaml(tmp_path, "header: false\ncolumns: {question: 0, options: [1, 2, 3, 4], answer: 5}\n")
+    data = load_task(spec, data=str(tmp_path / "mmlu.csv"))
+    assert [(it.question, it.gold) for it in data.items] == [("Which nerve?", 1), ("Which bone?", 0)]
+    (tmp_path / "bom.csv").write_bytes('\ufeffquestion,options,answer\nQ?,"[""a"", ""b""]",b\n'.encode())
+    assert load_task(resolve_tasks(["mc"])[0], data=str(tmp_path / "bom.csv")).items[0].gold == 1
+
+
+def test_nested_records_fixed_choices_filter_and_filler_options(tmp_path, capsys):
+    doc = {"meta": {"v": 1}, "data": {"questions": [
+        {"q": "Is it?", "a": "Yes", "subject": "cardio", "opts": ["Yes", "No", "n/a"]},
+        {"q": "Is it not?", "a": "no", "subject": "cardio", "opts": ["yes", "no", "None"]},
+        {"q": "Other?", "a": "yes", "subject": "derm", "opts": ["yes", "no", "n/a"]},
+        {"q": "Filler?", "a": "n/a", "subject": "cardio", "opts": ["yes", "no", "n/a"]},
+    ]}}  # fmt: skip
+    (tmp_path / "nested.json").write_text(json.dumps(doc))
+    spec = _task_yaml(tmp_path, "records: data.questions\ncolumns: {question: q, options: opts, answer: a}\n"
+                      "filter: {subject: cardio}\ndrop_options: [n/a, none]\n")  # fmt: skip
+    data = load_task(spec, data=str(tmp_path / "nested.json"))
+    assert [(it.question, it.options, it.gold) for it in data.items] == [
+        ("Is it?", ["Yes", "No"], 0), ("Is it not?", ["yes", "no"], 1)]  # fmt: skip
+    assert data.dropped_options == 2 and data.filtered_out == 1
+    assert len(data.skipped) == 1 and "filler option" in data.skipped[0][1]
+    err = capsys.readouterr().err
+    assert "left out 2 filler option(s)" in err and "1 record(s) left out by the task's filter" in err
+    (tmp_path / "yn.jsonl").write_text(json.dumps({"question": "Q?", "answer": "YES"}) + "\n")
+    spec = _task_yaml(tmp_path, "choices: [yes, no]\n")  # a fixed answer set, no options column
+    assert [(it.options, it.gold) for it in load_task(spec, data=str(tmp_path / "yn.jsonl")).items] == [
+        (["yes", "no"], 0)
+    ]
+    with pytest.raises(
+        HippoError, match=r"records: 'data.items': no 'items' under 'data' \(it has: questions\)"
+    ):
+        load_task(_task_yaml(tmp_path, "records: data.items\n"), data=str(tmp_path / "nested.json"))
+
+
+def test_every_named_column_is_checked_before_scoring(tmp_path):
+    (tmp_path / "f.jsonl").write_text(
+        json.dumps({"question": "Q?", "options": ["a", "b"], "answer": "a"}) + "\n"
+    )
+    for body, column in (("columns: {answer: correct}\n", "correct"), ("columns: {id: qid}\n", "qid"),
+                         ("filter: {topic: x}\n", "topic")):  # fmt: skip
+        with pytest.raises(
+            HippoError,
+            match=rf"column '{column}' \(\w+\) is not in the file \(its columns: question, options, answer\)",
+        ):
+            load_task(_task_yaml(tmp_path, body), data=str(tmp_path / "f.jsonl"))

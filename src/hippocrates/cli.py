@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from hippocrates import __version__
 from hippocrates.errors import EXIT_USAGE, HippoError
@@ -48,9 +49,16 @@ the file, line or config key. Set HIPPO_CACHE to move the model cache (default ~
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command and the problem (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; ``only`` configures just that subcommand's arguments (lazy import)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hippo",
         description="Hippocrates: continued pre-training, instruction tuning, RLAIF + DPO and "
         "standardized evaluation of medical LLMs (Acikgoz et al., 2024).",
@@ -58,7 +66,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"hippocrates {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == only:
@@ -91,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hippo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # libraries report a full disk in their own exception types
+        from hippocrates.data.io import full_disk
+
+        if not full_disk(exc):
+            raise
+        print(f"hippo {args.command}: error: no space left on device ({type(exc).__name__})", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

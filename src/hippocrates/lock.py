@@ -90,6 +90,8 @@ def _acquire(key: Path, folder: str | Path) -> int:
 def hold(folder: str | Path) -> Iterator[None]:
     """Hold the folder's lock for the block; refuse with one line when another process holds it."""
     key = Path(folder).resolve()
+    if key.exists() and not key.is_dir():
+        raise HippoError(f"{folder}: is a file, not a folder")
     if key in _held or _is_worker_rank():
         yield
         return

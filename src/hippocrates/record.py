@@ -227,6 +227,8 @@ def check_owner(folder: Path, recipe: Any, overwrite: bool) -> None:
         return
     if not folder.is_dir():
         raise HippoError(f"{folder}: is a file, not an output folder")
+    if (folder / MANIFEST).is_file():
+        read_json_object(folder / MANIFEST)  # an unreadable manifest (bad bytes, torn JSON) names itself
     manifest = read_manifest(folder)
     if manifest is None:
         if (folder / MANIFEST).is_file() or any(p.name != ".hippo.lock" for p in folder.iterdir()):

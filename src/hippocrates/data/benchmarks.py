@@ -316,15 +316,18 @@ def iter_records(path: Path, reader: Reader | None = None) -> Iterator[tuple[int
                 ) from None
             document = None  # JSON lines in a file named .json (MedMCQA's release does this)
         if reader and reader.records:
+            walked: list[str] = []
             for part in reader.records.split("."):
                 if not isinstance(document, dict) or part not in document:
                     have = (
                         ", ".join(sorted(document)) if isinstance(document, dict) else type(document).__name__
                     )
+                    where = f"under '{'.'.join(walked)}'" if walked else "at the top"
                     raise HippoError(
-                        f"{path}: records: '{reader.records}' not found (the document has: {have})"
+                        f"{path}: records: '{reader.records}': no '{part}' {where} (it has: {have})"
                     )
                 document = document[part]
+                walked.append(part)
             if not isinstance(document, list):
                 raise HippoError(
                     f"{path}: records: '{reader.records}' is a {type(document).__name__}, not a list"

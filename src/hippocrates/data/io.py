@@ -43,7 +43,7 @@ def os_error(exc: OSError, path: str | Path | None = None) -> HippoError:
     return HippoError(f"{where}: {reason}")
 
 
-def _full_disk(exc: BaseException) -> bool:
+def full_disk(exc: BaseException) -> bool:
     """Libraries report a full disk in their own exception types (torch, safetensors)."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -228,7 +228,7 @@ def require_space(path: str | Path, nbytes: int, what: str = "the output") -> No
 def _write_failure(exc: BaseException, target: Path) -> HippoError | None:
     if isinstance(exc, HippoError):
         return None
-    if _full_disk(exc):
+    if full_disk(exc):
         return HippoError(f"{target}: no space left on device; nothing was written")
     if isinstance(exc, OSError):
         return os_error(exc, target)

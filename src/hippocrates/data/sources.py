@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hippocrates.config import Source
-from hippocrates.data.benchmarks import Item, Reader, Skip, detect_format, parser_for, read_benchmark
+from hippocrates.data.benchmarks import Item, Read, Reader, Skip, detect_format, parser_for, read_benchmark
 from hippocrates.data.io import iter_csv, iter_jsonl, iter_lines, read_json, sha256_file
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
@@ -246,17 +246,13 @@ def iter_conversations(
         fmt = (detect_format(first[1]) or "auto") if first else "auto"
     if fmt in BENCHMARKS:
         reader = benchmark_reader(source, "medqa" if fmt == "medqa_hf" else fmt, hub=hub)
-        if hub or fmt == "medqa_hf":
-            parse = parser_for(reader, fmt if fmt == "medqa_hf" else None)
-            for where, record in iter_records(source):
-                try:
-                    question, options, gold, *rest = parse(record)
-                except Skip as exc:
-                    raise HippoError(f"{where}: {exc}") from None
-                item = Item(where, question, options, gold, rest[0] if rest else None, where)
-                yield where, benchmark_messages(item, source.prompt)
-            return
-        read = read_benchmark(reader, Path(source.path).expanduser(), prefix=Path(source.path).stem)
+        if hub:
+            read = _read_rows(source, reader, fmt)
+        else:
+            parser_fmt = "medqa_hf" if fmt == "medqa_hf" else None
+            read = read_benchmark(
+                reader, Path(source.path).expanduser(), prefix=Path(source.path).stem, fmt=parser_fmt
+            )
         for what, entries in (("unusable", read.skipped), ("repeated", read.duplicates)):
             if entries:
                 stats[f"{what}_records"] += len(entries)
@@ -266,12 +262,31 @@ def iter_conversations(
             status(
                 f"{source.path}: left out the {len(read.other)} official test PMIDs ({reader.ground_truth} beside it)"
             )
+        if not read.items:
+            raise HippoError(
+                f"{source.path}: no usable {fmt} records"
+                + (f" ({read.skipped[0][1]})" if read.skipped else "")
+            )
         items = read.items[: source.max_samples] if source.max_samples else read.items
         for item in items:
             yield item.where, benchmark_messages(item, source.prompt)
         return
     for where, record in iter_records(source):
         yield where, to_messages(_renamed(record, source.columns), where, shape=fmt)
+
+
+def _read_rows(source: Source, reader: Reader, fmt: str) -> Read:
+    """A hub dataset's rows through the benchmark parsers (unusable ones counted, not raised)."""
+    parse = parser_for(reader, "medqa_hf" if fmt == "medqa_hf" else None)
+    read = Read([])
+    for where, record in iter_records(source):
+        try:
+            question, options, gold, *rest = parse(record)
+        except Skip as exc:
+            read.skipped.append((where, f"{where}: {exc}"))
+            continue
+        read.items.append(Item(where, question, options, gold, rest[0] if rest else None, where))
+    return read
 
 
 def _renamed(record: dict[str, Any], columns: dict[str, Any] | None) -> dict[str, Any]:

@@ -20,11 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hippocrates.data.io import check_writable
+    from hippocrates.lock import hold
     from hippocrates.report.build import build_report
 
     if args.bins < 1:
         raise HippoError(f"--bins must be >= 1, got {args.bins}")
-    path = build_report(args.run_dir, args.output, n_bins=args.bins)
+    if not args.run_dir.is_dir():
+        raise HippoError(f"{args.run_dir}: run directory not found")
+    out = args.output if args.output is not None else args.run_dir / "report"
+    check_writable(out)
+    with hold(args.run_dir):
+        path = build_report(args.run_dir, args.output, n_bins=args.bins)
     print(path)
     print(path.with_name("report.md"))
     return 0

@@ -25,7 +25,7 @@ from typing import Any
 
 from hippocrates.accel import is_main_process, main_process_first
 from hippocrates.config import LoRASettings, Recipe, TrainSettings
-from hippocrates.data.io import atomic_dir, check_writable, write_json, write_text
+from hippocrates.data.io import atomic_dir, check_writable, full_disk, require_space, write_json, write_text
 from hippocrates.errors import HippoError
 from hippocrates.models import resolve_precision
 from hippocrates.progress import status
@@ -221,11 +221,6 @@ def begin_stage(
             shutil.rmtree(work, ignore_errors=True)
             if resume:
                 status(f"{step.stage}: no complete checkpoint in {work}; starting from the beginning")
-        if main:
-            work.mkdir(parents=True, exist_ok=True)
-            write_json(
-                stamp, {"inputs_hash": step.inputs_hash, "stage": step.stage, "recipe_name": recipe.name}
-            )
     return run
 
 
@@ -345,11 +340,24 @@ def train_summary(trainer) -> dict[str, Any]:
 
 
 def train(run: StageRun, trainer) -> None:
-    """``trainer.train`` (resuming when asked); a failure leaves only what a resume can use."""
+    """``trainer.train`` (resuming when asked); a failure leaves only what a resume can use.
+
+    The checkpoint folder and its inputs stamp appear only now, so a stage that fails before
+    training (bad data, a model that does not load) leaves nothing behind.
+    """
+    if is_main_process():
+        run.work_dir.mkdir(parents=True, exist_ok=True)
+        stamp = {"inputs_hash": run.step.inputs_hash, "stage": run.stage, "recipe_name": run.recipe.name}
+        write_json(run.work_dir / "inputs.json", stamp)
     try:
         trainer.train(resume_from_checkpoint=run.resume_from)
-    except BaseException:
+    except BaseException as exc:
         abandon(run)
+        if full_disk(exc):
+            raise HippoError(
+                f"{run.work_dir}: no space left on device while writing a checkpoint; "
+                "free some space and rerun with --resume"
+            ) from None
         raise
 
 
@@ -397,6 +405,7 @@ def _write_stage(
     from hippocrates.stages.card import model_card
     from hippocrates.stages.merge import merge_adapter
 
+    require_space(run.out_dir.parent, merged_size(run.model_path), f"the merged {run.stage} model")
     with atomic_dir(run.out_dir) as tmp:
         status(f"{run.stage}: merging the adapter into {run.model_path} ({time.time() - run.t0:.0f}s in)")
         shutil.copytree(adapter, tmp / "adapter")
@@ -433,6 +442,27 @@ def _write_stage(
         write_text(tmp / "README.md", model_card(run, metrics))
     shutil.rmtree(run.work_dir, ignore_errors=True)
     status(f"{run.stage}: done in {time.time() - run.t0:.0f}s")
+
+
+def merged_size(model: str) -> int:
+    """An upper bound on the bytes of a merged model: the input's weights, widened to fp32."""
+    from hippocrates.models import resolve_model
+
+    resolved = resolve_model(model)
+    if not resolved.is_local:
+        return 0
+    total = 0
+    for file in Path(resolved.path).glob("*.safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():
+                piece = fh.get_slice(key)
+                count = 1
+                for dim in piece.get_shape():
+                    count *= dim
+                total += 4 * count
+    return total
 
 
 def probe_rows(rows: list[dict[str, Any]], n: int = 4, length: int = 128) -> list[list[int]]:

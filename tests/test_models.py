@@ -100,3 +100,57 @@ def test_conversion_is_atomic(tmp_path: Path, monkeypatch):
         models.resolve_model("smollm2-135m")
     leftovers = [p.name for p in (tmp_path / "models").iterdir()]
     assert leftovers == ["gguf_index.json"]  # only the remembered hash of the GGUF, no model folder
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_cache_dir_is_a_plain_model(embedded_model_dir: Path, precision: str):
+    """No GGUF quantization settings: transformers attaches no quantizer, in any precision."""
+    assert "quantization_config" not in json.loads((embedded_model_dir / "config.json").read_text())
+    model = models.load_model(str(embedded_model_dir), precision=precision)
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
+    assert next(model.parameters()).dtype == models.torch_dtype(precision)
+
+
+def test_an_older_cache_is_migrated_on_first_use(embedded_model_dir: Path, tmp_path: Path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("HIPPO_CACHE", str(tmp_path))
+    target = tmp_path / "models" / embedded_model_dir.name
+    shutil.copytree(embedded_model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    (target / "config.json").write_text(json.dumps(config))
+    assert models.resolve_model("smollm2-135m").path == str(target)
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+
+
+def test_alias_resolution_hashes_the_gguf_once(tmp_path: Path, monkeypatch, embedded_model_dir: Path):
+    """The GGUF's sha256 is remembered by (path, size, mtime): later resolutions read no 98 MB file."""
+    import shutil
+
+    monkeypatch.setenv("HIPPO_CACHE", str(tmp_path))
+    shutil.copytree(embedded_model_dir, tmp_path / "models" / embedded_model_dir.name)
+    hashed = []
+    real = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda p: hashed.append(p) or real(p))
+    models.resolve_model("smollm2-135m")
+    models.resolve_model("smollm2-135m")
+    assert len(hashed) == 1 and (tmp_path / "models" / "gguf_index.json").is_file()
+
+
+def test_lm_eval_runs_on_the_cache_dir(embedded_model_dir: Path, tmp_path: Path):
+    """What a user compares against: the converted base model opens in lm-eval's HF backend as it is."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hippocrates.eval.lm_eval_export import export
+
+    bench = Path(__file__).resolve().parents[1] / "data" / "demo" / "benchmarks"
+    export(tmp_path / "tasks", ["medqa"], data_dir=str(bench), model="smollm2-135m")
+    readme = (tmp_path / "tasks" / "README.md").read_text()
+    assert f"pretrained={embedded_model_dir}" in readme
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={embedded_model_dir},dtype=float32", tasks=["hippo_medqa"],
+        device="cpu", limit=2, task_manager=TaskManager(include_path=str(tmp_path / "tasks")), batch_size=2,
+    )  # fmt: skip
+    assert 0.0 <= out["results"]["hippo_medqa"]["acc,none"] <= 1.0

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("hippocrates.eval.cli", "evaluate on MedQA, MedMCQA, PubMedQA, USMLE (log-likelihood scoring)"),
     "ablate": ("hippocrates.analyses.ablation", "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO"),
     "report": ("hippocrates.report.cli", "write the HTML + Markdown report of a run directory"),
+    "export": ("hippocrates.export", "a stage output as a Hugging Face Hub model folder (and upload it)"),
     "serve": ("hippocrates.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "data": ("hippocrates.data.check", "inspect data: token counts, duplicates and benchmark contamination"),
     "models": ("hippocrates.models", "list model aliases and show where a model spec resolves"),

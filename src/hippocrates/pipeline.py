@@ -23,6 +23,7 @@ from hippocrates import accel
 from hippocrates.config import Recipe, load_recipe
 from hippocrates.data.io import read_json_object, write_json
 from hippocrates.errors import HippoError
+from hippocrates.loggers import scalars_of
 from hippocrates.progress import status
 from hippocrates.record import check_owner, current, read_manifest
 
@@ -107,6 +108,14 @@ class Pipeline:
         self.model = recipe.base_model
         self.rows: list[Row] = []
 
+    def log(self, folder: Path, scalars: dict[str, float], tables: dict[str, str] | None = None) -> None:
+        """Evaluation, annotation and analysis figures to the loggers of --report-to (the Trainer's default)."""
+        from hippocrates.loggers import report_figures
+        from hippocrates.stages.run import default_report_to
+
+        loggers = default_report_to() if self.report_to is None else self.report_to
+        report_figures(folder, loggers, scalars, tables=tables, run_name=self.recipe.name)
+
     def check_outputs(self) -> None:
         """Fail before writing anything if an output folder belongs to another run."""
         for stage in (*TRAINING, "annotate"):
@@ -134,6 +143,12 @@ class Pipeline:
             )
         if stage == "annotate":
             metrics = module.run_annotate(self.recipe, self.model, out_dir, overwrite=self.args.overwrite)
+            numbers = {
+                f"annotate/{k}": float(v)
+                for k, v in metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            self.log(out_dir, numbers)
         else:
             metrics = getattr(module, f"run_{stage}")(
                 self.recipe, self.model, out_dir, resume=self.args.resume, overwrite=self.args.overwrite,
@@ -155,7 +170,8 @@ class Pipeline:
                 loaded = loaded or LoadedModel.load(
                     self.model, options["precision"], self.recipe.trust_remote_code
                 )
-                evaluate(loaded, cfg.tasks, output_dir=out_dir, recipe=self.recipe, **options)
+                results = evaluate(loaded, cfg.tasks, output_dir=out_dir, recipe=self.recipe, **options)
+                self.log(out_dir, scalars_of(results, f"eval/{shots}shot/"))
                 ran += 1
             details.append(f"{shots}-shot mean acc={_mean_acc(out_dir / 'results.json')}")
         state = "ran" if ran else "skipped: unchanged"
@@ -179,6 +195,14 @@ class Pipeline:
         if not_ok:
             detail += f"; {'; '.join(not_ok)}"
         state = "skipped: unchanged" if ok and reused == len(rows) else "ran"
+        if state == "ran":
+            averages = {
+                f"ablation/{v['label']}/average": v["average"]
+                for v in ok
+                if isinstance(v.get("average"), float)
+            }
+            table = (self.out / "ablation" / "ablation.md").read_text(encoding="utf-8")
+            self.log(self.out / "ablation", averages, {"ablation/table": table})
         return Row("ablate", state, detail=detail, output=str(self.out / "ablation"))
 
     def run_sweep(self) -> Row:
@@ -204,6 +228,16 @@ class Pipeline:
             chat = "chat" if best["chat_template"] else "plain"
             detail += f"; best {best['prompt']}-{chat} {best['num_fewshot']}-shot {best['average']:.3f}"
         state = "ran" if data.get("evaluated") else "skipped: unchanged"
+        if state == "ran":
+            averages = {
+                f"sweep/{r['prompt']}-{'chat' if r['chat_template'] else 'plain'}-{r['num_fewshot']}shot/average": r[
+                    "average"
+                ]
+                for r in rows
+                if isinstance(r.get("average"), float)
+            }
+            table = (self.out / "sweep" / "sweep.md").read_text(encoding="utf-8")
+            self.log(self.out / "sweep", averages, {"sweep/table": table})
         return Row("sweep", state, detail=detail, output=str(self.out / "sweep"))
 
     def run_report(self) -> Row:

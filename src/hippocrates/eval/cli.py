@@ -86,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=DEFAULT_SEED, help="few-shot sampling seed (lm-eval's default)"
     )
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--report-to",
+        help="also send the figures to loggers: tensorboard (into --output), wandb, none (default)",
+    )
     parser.add_argument("--json", action="store_true", help="print results.json instead of the table")
     parser.add_argument("--list-tasks", action="store_true", help="list the registered tasks and exit")
     parser.add_argument(
@@ -151,6 +155,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     data = _pairs(args.data, "--data")
     fewshot_data = _pairs(args.fewshot_data, "--fewshot-data")
+    if args.report_to:
+        from hippocrates.stages.cli import report_to_arg
+
+        report_to_arg(args.report_to)  # a logger that is not installed is refused before any work
+        if not args.output:
+            raise HippoError("--report-to needs --output DIR (the TensorBoard files go there)")
     if args.max_length is not None and args.max_length < 2:
         raise HippoError(f"--max-length must be >= 2, got {args.max_length}")
     if args.export_lm_eval:
@@ -198,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
             output_dir=args.output,
             **_eval_options(args, fewshot_data),
         )
+    if args.output and args.report_to:
+        from hippocrates.loggers import report_figures, scalars_of
+        from hippocrates.stages.cli import report_to_arg
+
+        report_figures(Path(args.output), report_to_arg(args.report_to), scalars_of(results))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     if args.output:
         print(f"results: {args.output}/results.json")

@@ -252,3 +252,16 @@ def test_cli_evaluates_two_models_and_compares_them(tiny_llama_dir: Path, tmp_pa
     assert saved["average"]["difference"] == 0 and saved["average"]["p_mcnemar"] == 1  # same model twice
     assert (tmp_path / "out" / "eval_a" / "samples_medqa.jsonl").is_file()
     assert (tmp_path / "out" / "eval_b" / "results.json").is_file()
+
+
+def test_sweep_baseline_must_name_a_combination(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    from test_stages_helpers import EVAL_DATA
+
+    argv = ["eval", "--sweep", "--model", str(tiny_llama_dir), "--tasks", "medqa", "--data",
+            f"medqa={EVAL_DATA['medqa']}", "--prompts", "letter", "--chat-options", "off", "--shots", "0",
+            "--baseline", "letter-chat-0shot", "--output", str(tmp_path / "sweep")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(
+        "error: sweep: baseline 'letter-chat-0shot' is not a combination (choose from letter-plain-0shot)\n"
+    )

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from hippocrates.analyses.ablation import run_ablation
+from hippocrates.analyses.stats import compare_to_baseline, load_outcomes
 from hippocrates.analyses.sweep import run_sweep
 from hippocrates.cli import main
 from hippocrates.config import load_recipe
@@ -34,6 +35,30 @@ def test_the_pipeline_ablation_has_every_variant(tiny_run):
     )  # relative: the run can move
     assert read_manifest(tiny_run / "ablation" / "sft_from_base").input_model.path.endswith("tiny-llama0")
     assert "| +CPT+SFT+DPO |" in (tiny_run / "ablation" / "ablation.md").read_text()
+
+
+def test_the_ablation_compares_each_variant_with_the_base_model(tiny_run):
+    data = json.loads((tiny_run / "ablation" / "ablation.json").read_text())
+    base, *others = data["variants"]
+    assert "comparison" not in base and "comparison_error" not in data
+    found = {v["label"]: load_outcomes((tiny_run / v["results"]).parent) for v in data["variants"]}
+    expected = compare_to_baseline(found.pop("Base"), found, baseline_name="Base")  # Holm across the 4
+    assert [v["comparison"] for v in others] == json.loads(json.dumps(list(expected.values())))
+    for v in others:
+        avg = v["comparison"]["average"]
+        assert avg["difference"] == pytest.approx(v["average"] - base["average"])
+        assert avg["ci_low"] <= avg["difference"] <= avg["ci_high"] and avg["p_holm"] >= avg["p_mcnemar"]
+        assert list(v["comparison"]["tasks"]) == data["tasks"] and v["comparison"]["resamples"] == 10_000
+    csv_header = (tiny_run / "ablation" / "ablation.csv").read_text().splitlines()[0]
+    assert csv_header.endswith(
+        "Average,Δ avg vs base,95% CI low,95% CI high,CI excludes 0,McNemar p,Holm p,Holm p < 0.05,Status"
+    )
+    md = (tiny_run / "ablation" / "ablation.md").read_text()
+    assert "**Stage ablation: each model against the base model, per task**" in md
+    assert (
+        "| +CPT | medqa | 4 |" in md
+        and "Holm p: p adjusted across the table's 4 comparisons against Base" in md
+    )
 
 
 @pytest.fixture
@@ -113,8 +138,34 @@ def test_sweep_loads_the_model_once_and_reuses_combinations(tiny_llama_dir, tmp_
         ("hippocrates", False, 0), ("hippocrates", False, 1), ("hippocrates", True, 0)
     ]  # fmt: skip
     assert "| letter | yes | 1 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert first["baseline"] == "hippocrates-plain-0shot" and first["rows"][0]["comparison"] is None
+    found = {r["name"]: load_outcomes(tmp_path / "sweep" / f"{r['prompt']}-{'chat' if r['chat_template'] else 'plain'}"
+                                      / f"{r['num_fewshot']}shot") for r in first["rows"]}  # fmt: skip
+    expected = compare_to_baseline(
+        found.pop("hippocrates-plain-0shot"), found, baseline_name="hippocrates-plain-0shot"
+    )
+    assert [r["comparison"] for r in first["rows"][1:]] == list(expected.values())
+    assert (
+        "each combination against the baseline, hippocrates-plain-0shot"
+        in (tmp_path / "sweep" / "sweep.md").read_text()
+    )
     again = run_sweep(str(tiny_llama_dir), ["medqa"], data, ["hippocrates", "letter"], [False, True], [0, 1],
                       tmp_path / "sweep", limit=2)  # fmt: skip
     assert again["evaluated"] == 0 and len(loads) == 1 and again["rows"] == first["rows"]
+    named = run_sweep(str(tiny_llama_dir), ["medqa"], data, ["hippocrates", "letter"], [False, True], [0, 1],
+                      tmp_path / "sweep", limit=2, baseline="letter-chat-1shot")  # fmt: skip
+    assert named["evaluated"] == 0 and named["rows"][-1]["comparison"] is None
+    assert named["rows"][0]["comparison"]["a"] == "letter-chat-1shot"
+    with pytest.raises(HippoError, match="baseline 'letter-1shot' is not a combination"):
+        run_sweep(
+            str(tiny_llama_dir),
+            ["medqa"],
+            data,
+            ["letter"],
+            [False],
+            [1],
+            tmp_path / "s3",
+            baseline="letter-1shot",
+        )
     with pytest.raises(HippoError, match="no prompts"):
         run_sweep(str(tiny_llama_dir), ["medqa"], None, [], [False], [0], tmp_path / "s2")

@@ -58,6 +58,9 @@ def test_full_run_report_is_self_contained_and_complete(full_report) -> None:
     manifest_rows = [line for line in md.splitlines() if line.startswith("| sft | ")]
     assert "| RUN/cpt |" in manifest_rows[0]  # the input model's path, not its fingerprint
     assert "Prompting strategies: accuracy (%)" in md and "| letter | no | 0 |" in md
+    assert "Stage ablation: each model against the base model, per task" in md
+    assert "Prompting strategies: each combination against the baseline, hippocrates-plain-0shot" in md
+    assert md.count("Holm p: p adjusted across the table's") == 2
 
 
 def test_report_numbers_match_the_sources(full_report) -> None:
@@ -65,6 +68,13 @@ def test_report_numbers_match_the_sources(full_report) -> None:
     ablation = json.loads((run / "ablation" / "ablation.json").read_text())
     base = ablation["variants"][0]
     assert f"| Base | {100 * base['acc']['medqa']:.1f} |" in md
+    for v in ablation["variants"][1:]:
+        avg = v["comparison"]["average"]
+        row = next(x for x in md.splitlines() if x.startswith(f"| {v['label']} |"))
+        assert f"| {100 * avg['ci_low']:+.1f} | {100 * avg['ci_high']:+.1f} | " in row
+        medqa = v["comparison"]["tasks"]["medqa"]
+        assert (f"| {v['label']} | medqa | 4 | {100 * medqa['accuracy_a']:.1f} | {100 * medqa['accuracy_b']:.1f} | "
+                f"{100 * medqa['difference']:+.1f} |") in md  # fmt: skip
     results = json.loads((run / "eval" / "0shot" / "results.json").read_text())
     medqa = results["tasks"]["medqa"]
     assert f"| medqa | 4 | {100 * medqa['acc']:.1f} ± {100 * medqa['acc_stderr']:.1f} |" in md
@@ -115,6 +125,18 @@ def test_empty_dir_and_corrupt_files_degrade_to_notices(tiny_run, tmp_path: Path
     assert "| final model | 0 | medqa |" in md
 
 
+def test_an_ablation_without_comparisons_says_so(tiny_run, tmp_path: Path) -> None:
+    """An ablation.json written before the comparisons existed (the same file without them)."""
+    run = partial(tiny_run, tmp_path / "run", ("ablation", "eval"))
+    data = json.loads((run / "ablation" / "ablation.json").read_text())
+    for v in data["variants"]:
+        v.pop("comparison", None)
+    (run / "ablation" / "ablation.json").write_text(json.dumps(data))
+    html = build_report(run).read_text(encoding="utf-8")
+    assert "paired comparisons: not in this file; run the analysis again" in _missing(html, "ablation")
+    assert "| +CPT |" in (run / "report" / "report.md").read_text()
+
+
 def test_cli(tiny_run, tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
@@ -141,9 +163,9 @@ def test_table_formatting() -> None:
     }
     table = ablation_table(data)
     md = table.markdown()
-    assert "| Base | 25.0 | 50.0 | 37.5 | +0.0 | ok |" in md
-    assert "| +CPT | 30.0 | — | — | — | ok |" in md
-    assert "| x\\|y | — | — | — | — | skipped |" in md
+    assert "| Base | 25.0 | 50.0 | 37.5 | +0.0 | — | — | — | — | — | — | ok |" in md
+    assert "| +CPT | 30.0 | — | — | — | — | — | — | — | — | — | ok |" in md
+    assert "| x\\|y | — | — | — | — | — | — | — | — | — | — | skipped |" in md
     assert 'title="stages.dpo.enabled is false"' in table.html()
-    assert table.csv().splitlines()[1] == "Base,0.25,0.5,0.375,0.0,ok"
+    assert table.csv().splitlines()[1] == "Base,0.25,0.5,0.375,0.0,,,,,,,ok"
     assert Table(["x"], [["<b>"]]).html().count("&lt;b&gt;") == 1

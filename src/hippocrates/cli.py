@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("hippocrates.stages.dpo", "direct preference optimisation on judged pairs, with LoRA"),
     "eval": ("hippocrates.eval.cli", "evaluate on MedQA, MedMCQA, PubMedQA, USMLE (log-likelihood scoring)"),
     "ablate": ("hippocrates.analyses.ablation", "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO"),
+    "compare": ("hippocrates.analyses.compare", "paired comparison of two evaluations (difference, CI, p)"),
     "report": ("hippocrates.report.cli", "write the HTML + Markdown report of a run directory"),
     "export": ("hippocrates.export", "a stage output as a Hugging Face Hub model folder (and upload it)"),
     "serve": ("hippocrates.serve", "serve a model over an OpenAI-compatible HTTP API"),

@@ -7,8 +7,10 @@ and are trained otherwise; the one extra model, SFT from the base, goes to
 OUTPUT/ablation/sft_from_base. Each variant's evaluation goes to
 OUTPUT/ablation/eval/<variant>/<K>shot/ and is reused while current, as is the pipeline's own
 evaluation of the same model under the same protocol. A retrained model has a new fingerprint,
-so everything trained or evaluated from it is redone: no file times are trusted. The table is
-rewritten after every variant, so an interrupted ablation keeps its rows.
+so everything trained or evaluated from it is redone: no file times are trusted. Each variant is
+compared with the base model on the same items (hippocrates.analyses.stats: bootstrap CI, McNemar
+p, Holm across the variants). The table is rewritten after every variant, so an interrupted
+ablation keeps its rows.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from hippocrates.data.io import write_json, write_text
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
 from hippocrates.record import current, staleness
-from hippocrates.report.tables import ablation_table, task_average
+from hippocrates.report.tables import ablation_comparisons, ablation_table, task_average, with_comparisons
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Ablation:
         self.recipe, self.shots, self.limit, self.force_eval = recipe, shots, limit, force
         self.out = Path(recipe.output_dir)
         self.models: dict[str, str] = {}
+        self.outcomes: dict[str, dict[str, dict[str, bool]]] = {}  # variant name -> per-item outcomes
         self.train_s = 0.0
 
     def skip_reason(self, variant: Variant) -> str | None:
@@ -148,6 +151,36 @@ class Ablation:
             "eval_s": round(time.perf_counter() - start, 2),
         }  # fmt: skip
 
+    def compare(self, data: dict[str, Any]) -> None:
+        """Each evaluated variant against the base model on the same items, Holm across the variants;
+        stored in the variants (``comparison``), or ``comparison_error`` when they cannot be paired."""
+        from hippocrates.analyses.stats import compare_to_baseline, load_outcomes
+
+        ok = [v for v in data["variants"] if v["status"] == "ok"]
+        base = next((v for v in ok if v["name"] == "base"), None)
+        others = [v for v in ok if v is not base]
+        if base is None or not others:
+            return
+        try:
+            for v in ok:
+                if v["name"] not in self.outcomes:
+                    folder = (self.out / v["results"]).parent
+                    self.outcomes[v["name"]] = load_outcomes(folder)
+            found = compare_to_baseline(
+                self.outcomes["base"],
+                {v["label"]: self.outcomes[v["name"]] for v in others},
+                baseline_name=base["label"],
+            )
+        except HippoError as exc:
+            data["comparison_error"] = str(exc)
+            for v in others:
+                v.pop("comparison", None)
+            status(f"ablate: no paired comparisons: {exc}")
+            return
+        data.pop("comparison_error", None)
+        for v in others:
+            v["comparison"] = found[v["label"]]
+
 
 def _relative(path: Path, root: Path) -> str:
     """A path inside the run folder relative to it, so a moved or copied run still finds its files."""
@@ -158,10 +191,11 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def write_ablation(out_dir: Path, data: dict[str, Any]) -> None:
-    """ablation.json (everything), .md and .csv (the table), each written atomically."""
+    """ablation.json (everything), .md (the table and the per-task comparisons) and .csv (the table),
+    each written atomically."""
     table = ablation_table(data)
     write_json(out_dir / "ablation.json", data)
-    write_text(out_dir / "ablation.md", table.markdown())
+    write_text(out_dir / "ablation.md", with_comparisons(table, ablation_comparisons(data)))
     write_text(out_dir / "ablation.csv", table.csv())
 
 
@@ -191,6 +225,7 @@ def run_ablation(
         if variants and variant.name not in variants:
             continue
         data["variants"].append(ablation.run_variant(variant))
+        ablation.compare(data)
         data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_ablation(ablation.out / "ablation", data)
     return data
@@ -232,6 +267,6 @@ def run(args: argparse.Namespace) -> int:
     for v in data["variants"]:
         if v["status"] != "ok":
             status(f"ablate: {v['label']} {v['status']}: {v.get('reason', '')}")
-    print(ablation_table(data).markdown())
+    print(with_comparisons(ablation_table(data), ablation_comparisons(data)))
     print(f"written: {Path(recipe.output_dir) / 'ablation'}/ablation.{{json,md,csv}}")
     return 1 if any(v["status"] == "failed" for v in data["variants"]) else 0

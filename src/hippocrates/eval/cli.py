@@ -106,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-options", default="off,on", help="sweep chat template settings: off, on or off,on"
     )
     sweep.add_argument("--shots", default="0,5", help="sweep shot counts (default 0,5)")
+    sweep.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="the combination the others are compared with, as <prompt>-<chat|plain>-<K>shot "
+        "(default: the first)",
+    )
 
 
 def _sweep_axes(args: argparse.Namespace) -> tuple[list[str], list[bool], list[int]]:
@@ -238,6 +244,7 @@ def run_sweep_command(args: argparse.Namespace, data: dict[str, str], fewshot_da
             chats,
             shots,
             args.output,
+            baseline=args.baseline,
             **_eval_options(args, fewshot_data),
         )
     print(json.dumps(result, indent=2) if args.json else (Path(args.output) / "sweep.md").read_text())

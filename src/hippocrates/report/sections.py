@@ -20,7 +20,13 @@ from hippocrates.data.io import read_json
 from hippocrates.errors import HippoError
 from hippocrates.eval import calibration as cal
 from hippocrates.report import plots
-from hippocrates.report.tables import Table, ablation_table, sweep_table
+from hippocrates.report.tables import (
+    Table,
+    ablation_comparisons,
+    ablation_table,
+    sweep_comparisons,
+    sweep_table,
+)
 
 TRAIN_STAGES = ("cpt", "sft", "annotate", "dpo")
 
@@ -285,6 +291,20 @@ def eval_section(run: Path) -> Section:
     return s
 
 
+def comparisons(s: Section, data: dict[str, Any], found: tuple[Table, str] | None, compared: int) -> None:
+    """The per-task paired comparisons of an ablation or sweep table and their method note; a run
+    whose file predates them, or whose items could not be paired, gets a Missing line saying so."""
+    if found is not None:
+        s.table(found[0])
+        s.note(found[1])
+    elif data.get("comparison_error"):
+        s.missing.append(f"paired comparisons: {data['comparison_error']}")
+    elif compared:
+        s.missing.append(
+            "paired comparisons: not in this file; run the analysis again (it reuses the evaluations)"
+        )
+
+
 def ablation_section(run: Path) -> Section:
     s = Section("ablation", "Stage ablation")
     data = s.load(run, "ablation/ablation.json")
@@ -293,6 +313,9 @@ def ablation_section(run: Path) -> Section:
             f"Recipe {data.get('recipe', '?')}, base model {data.get('base_model', '?')}, {when(data.get('created', ''))}."
         )
         s.table(ablation_table(data))
+        ok = [v for v in data.get("variants", []) if v.get("status", "ok") == "ok"]
+        compared = len(ok) - 1 if any(v.get("name") == "base" for v in ok) else 0
+        comparisons(s, data, ablation_comparisons(data), compared)
         for v in data.get("variants", []):
             if v.get("status", "ok") != "ok":
                 s.missing.append(
@@ -309,6 +332,7 @@ def sweep_section(run: Path) -> Section:
     if isinstance(data, dict):
         s.note(f"Model {short_path(data.get('model', '?'), run)}, {when(data.get('created', ''))}.")
         s.table(sweep_table(data))
+        comparisons(s, data, sweep_comparisons(data), len(data.get("rows", [])) - 1)
     else:
         s.missing.append("run `hippo eval --sweep ...` with output in RUN_DIR/sweep to compare prompts")
     return s

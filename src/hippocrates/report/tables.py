@@ -1,5 +1,5 @@
-"""One table type rendered three ways (HTML, Markdown, CSV), so the report, ``hippo ablate``
-and the prompting sweep print the same numbers; plus the ablation and sweep table builders.
+"""One table type rendered three ways (HTML, Markdown, CSV), so the report, ``hippo ablate``,
+the prompting sweep and ``hippo compare`` print the same numbers; plus their table builders.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ class Table:
     percent: set[int] = field(default_factory=set)
     notes: dict[int, str] = field(default_factory=dict)  # row index -> tooltip (HTML title)
     signed: set[int] = field(default_factory=set)  # columns of differences: always show the sign
+    pvalues: set[int] = field(default_factory=set)  # p-value columns: 3 decimals, "<0.001" below that
 
     def cell(self, value: Any, col: int) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return DASH
         if isinstance(value, bool):
             return "yes" if value else "no"
+        if col in self.pvalues and isinstance(value, int | float):
+            return "<0.001" if value < 0.001 else f"{value:.3f}"
         if isinstance(value, float):
             sign = "+" if col in self.signed else ""
             return f"{100 * value:{sign}.1f}" if col in self.percent else f"{value:{sign}.3f}"
@@ -82,8 +85,19 @@ def task_average(values: Sequence[float | None]) -> float | None:
     return sum(values) / len(values)  # type: ignore[arg-type]
 
 
+# the columns the ablation and sweep tables add for each row's average against the baseline
+VERDICT_HEADERS = ["95% CI low", "95% CI high", "CI excludes 0", "McNemar p", "Holm p", "Holm p < 0.05"]
+
+
+def _verdict(comparison: dict[str, Any] | None) -> list[Any]:
+    """The average's CI, significance and p-values of a row's comparison (dashes when it has none)."""
+    avg = (comparison or {}).get("average") or {}
+    keys = ("ci_low", "ci_high", "ci_excludes_zero", "p_mcnemar", "p_holm", "significant_holm")
+    return [avg.get(k) for k in keys]
+
+
 def ablation_table(data: dict[str, Any]) -> Table:
-    """Variants x tasks accuracy (%), the average and its change against the base model."""
+    """Variants x tasks accuracy (%), the average, and its paired comparison with the base model."""
     tasks = list(data.get("tasks", []))
     base_avg = next((v.get("average") for v in data.get("variants", []) if v.get("name") == "base"), None)
     rows, notes = [], {}
@@ -92,41 +106,141 @@ def ablation_table(data: dict[str, Any]) -> Table:
         avg = v.get("average")
         delta = avg - base_avg if avg is not None and base_avg is not None else None
         status = v.get("status", "ok") + (" (reused)" if v.get("reused_eval") else "")
-        rows.append([v.get("label", v.get("name")), *[acc.get(t) for t in tasks], avg, delta, status])
+        verdict = _verdict(v.get("comparison"))
+        rows.append(
+            [v.get("label", v.get("name")), *[acc.get(t) for t in tasks], avg, delta, *verdict, status]
+        )
         if v.get("reason"):
             notes[i] = v["reason"]
     shots = data.get("num_fewshot")
+    delta = len(tasks) + 2
     return Table(
-        ["Model", *tasks, "Average", "Δ avg vs base", "Status"],
+        ["Model", *tasks, "Average", "Δ avg vs base", *VERDICT_HEADERS, "Status"],
         rows,
         caption=f"Stage ablation: accuracy (%), {shots}-shot" if shots is not None else "Stage ablation",
-        percent=set(range(1, len(tasks) + 3)),
+        percent=set(range(1, delta + 3)),
         notes=notes,
-        signed={len(tasks) + 2},
+        signed={delta, delta + 1, delta + 2},
+        pvalues={delta + 4, delta + 5},
     )
 
 
 def sweep_table(data: dict[str, Any]) -> Table:
-    """Prompt strategy x chat template x shots against per-task accuracy (%) and the average."""
+    """Prompt strategy x chat template x shots against per-task accuracy (%), the average, and its
+    paired comparison with the baseline combination."""
     tasks = list(data.get("tasks", []))
+    found = [r.get("average") for r in data.get("rows", []) if r.get("name") == data.get("baseline")]
+    base_avg = found[0] if found else None
     rows = []
     for r in data.get("rows", []):
         acc = r.get("acc") or {}
+        avg = r.get("average")
         rows.append(
             [
                 r.get("prompt"),
                 bool(r.get("chat_template")),
                 r.get("num_fewshot"),
                 *[acc.get(t) for t in tasks],
-                r.get("average"),
+                avg,
+                avg - base_avg if avg is not None and base_avg is not None else None,
+                *_verdict(r.get("comparison")),
             ]
         )
+    delta = len(tasks) + 4
+    baseline = f", Δ against {data['baseline']}" if data.get("baseline") else ""
     return Table(
-        ["Prompt", "Chat template", "Shots", *tasks, "Average"],
+        ["Prompt", "Chat template", "Shots", *tasks, "Average", "Δ avg vs baseline", *VERDICT_HEADERS],
         rows,
-        caption="Prompting strategies: accuracy (%)",
-        percent=set(range(3, len(tasks) + 4)),
+        caption=f"Prompting strategies: accuracy (%){baseline}",
+        percent=set(range(3, delta + 3)),
+        signed={delta, delta + 1, delta + 2},
+        pvalues={delta + 4, delta + 5},
     )
 
 
-__all__ = ["Table", "ablation_table", "sweep_table", "task_average"]
+def comparison_table(
+    comparisons: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    label: str | None = None,
+    a_name: str = "A",
+    b_name: str = "B",
+    caption: str = "",
+) -> Table:
+    """Per task and on the average: both accuracies, B − A, its CI, discordant counts and p-values.
+
+    ``comparisons``: (row label, :func:`hippocrates.analyses.stats.compare` result); the label
+    column (headed ``label``) is left out when None. Holm columns appear when the results have them.
+    """
+    holm = any("p_holm" in c.get("average", {}) for _, c in comparisons)
+    headers = ["Task", "n", f"{a_name} (%)", f"{b_name} (%)", f"Δ {b_name} − {a_name}", "95% CI low",
+               "95% CI high", "CI excludes 0", f"only {a_name} right", f"only {b_name} right", "McNemar p"]  # fmt: skip
+    keys = ["n", "accuracy_a", "accuracy_b", "difference", "ci_low", "ci_high", "ci_excludes_zero",
+            "only_a_correct", "only_b_correct", "p_mcnemar"]  # fmt: skip
+    if holm:
+        headers += ["Holm p", "Holm p < 0.05"]
+        keys += ["p_holm", "significant_holm"]
+    lead = [] if label is None else [label]
+    rows = [
+        [*([] if label is None else [name]), task, *[row.get(k) for k in keys]]
+        for name, comparison in comparisons
+        for task, row in [*comparison["tasks"].items(), ("Average", comparison["average"])]
+    ]
+    first = len(lead) + 2  # the first percentage column
+    return Table(
+        lead + headers,
+        rows,
+        caption=caption,
+        percent=set(range(first, first + 5)),
+        signed={first + 2, first + 3, first + 4},
+        pvalues={first + 8} | ({first + 9} if holm else set()),
+    )
+
+
+def baseline_comparisons(
+    comparisons: Sequence[tuple[str, dict[str, Any]]], label: str, a_name: str, caption: str
+) -> tuple[Table, str] | None:
+    """The per-task table and the method note of a table's comparisons against one baseline."""
+    if not comparisons:
+        return None
+    from hippocrates.analyses.stats import describe
+
+    first = comparisons[0][1]
+    table = comparison_table(comparisons, label=label, a_name=a_name, b_name=label, caption=caption)
+    return table, describe(first, family=len(comparisons))
+
+
+def ablation_comparisons(data: dict[str, Any]) -> tuple[Table, str] | None:
+    """Each ablation variant against the base model, per task (from ablation.json)."""
+    found = [
+        (v.get("label", v.get("name")), v["comparison"])
+        for v in data.get("variants", [])
+        if v.get("comparison")
+    ]
+    caption = "Stage ablation: each model against the base model, per task"
+    return baseline_comparisons(found, "Model", "Base", caption)
+
+
+def sweep_comparisons(data: dict[str, Any]) -> tuple[Table, str] | None:
+    """Each sweep combination against the baseline combination, per task (from sweep.json)."""
+    found = [(r.get("name", "?"), r["comparison"]) for r in data.get("rows", []) if r.get("comparison")]
+    caption = f"Prompting strategies: each combination against the baseline, {data.get('baseline')}, per task"
+    return baseline_comparisons(found, "Combination", "baseline", caption)
+
+
+def with_comparisons(table: Table, comparisons: tuple[Table, str] | None) -> str:
+    """Markdown of a table followed by its per-task comparisons and their method note."""
+    if comparisons is None:
+        return table.markdown()
+    return f"{table.markdown()}\n{comparisons[0].markdown()}\n{comparisons[1]}\n"
+
+
+__all__ = [
+    "Table",
+    "ablation_comparisons",
+    "ablation_table",
+    "comparison_table",
+    "sweep_comparisons",
+    "sweep_table",
+    "task_average",
+    "with_comparisons",
+]

@@ -1,0 +1,66 @@
+"""Answer extraction on adversarial responses (shared by generative evaluation and the GRPO reward)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hippocrates.eval.extract import extract
+
+OPTIONS = ["Iron deficiency", "Vitamin B12 deficiency", "Thalassemia trait", "Anemia of chronic disease"]
+
+
+@pytest.mark.parametrize(
+    ("response", "index", "rule"),
+    [
+        ("The MCV is low and ferritin is low.\nAnswer: A", 0, "answer-line"),
+        ("Reasoning...\nAnswer: (C)", 2, "answer-line"),
+        ("reasoning\nanswer: c", 2, "answer-line"),
+        ("**Final answer:** B.", 1, "answer-line"),
+        ("Answer: D, because ferritin is high", 3, "answer-line"),
+        ("The answer is C since the electrophoresis shows HbA2 raised.", 2, "answer-line"),
+        ("Answer: Thalassemia trait", 2, "answer-line"),
+        ("Answer: A\nWait, reconsidering.\nAnswer: B", 1, "answer-line"),  # the last answer line counts
+        ("C", 2, "lone-letter"),
+        ("(d).", 3, "lone-letter"),
+        ("It is most likely thalassemia trait given the Mentzer index.", 2, "option-text"),
+        ("Iron deficiency anemia fits the low ferritin best.", 0, "option-text"),
+    ],
+)
+def test_parsed(response, index, rule):
+    got = extract(response, OPTIONS)
+    assert (got.index, got.rule) == (index, rule), got
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        ("Answer: B or C", "two letters"),
+        ("Answer: F", "letter F is not one of the options A-D"),
+        ("", "empty response"),
+        ("I am not sure about this one.", "no answer line"),
+        ("Either iron deficiency or thalassemia trait.", "several options"),
+        ("Answer: none of these", "names no option"),
+        ("E", "not one of the options"),
+    ],
+)
+def test_unparsed(response, reason):
+    got = extract(response, OPTIONS)
+    assert got.index is None and reason in got.reason, got
+
+
+def test_fixed_answer_words():
+    words = ["yes", "no", "maybe"]
+    assert extract("The trial was underpowered.\nAnswer: Maybe", words, lettered=False).index == 2
+    assert extract("no", words, lettered=False).index == 1
+    assert extract("Answer: Yes, exercise reduced falls.", words, lettered=False).index == 0
+    assert extract("Answer: A", words, lettered=False).index is None
+
+
+def test_the_question_as_asked():
+    from hippocrates.data.benchmarks import Item
+    from hippocrates.eval.extract import ANSWER_INSTRUCTION, ask
+
+    mc = ask(Item("1", "Which?", ["a", "b"], 0))
+    assert mc == f"Question: Which?\nA. a\nB. b\n\n{ANSWER_INSTRUCTION}"
+    yn = ask(Item("2", "Does it?", ["yes", "no", "maybe"], 1, context="An abstract."))
+    assert yn.startswith("Abstract: An abstract.\nQuestion: Does it?\n\n") and "one of: yes, no, maybe" in yn

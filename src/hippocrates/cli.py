@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "RLAIF: sample answers and let an AI judge pick the better one",
     ),
     "dpo": ("hippocrates.stages.dpo", "direct preference optimisation on judged pairs, with LoRA"),
+    "grpo": (
+        "hippocrates.stages.grpo",
+        "reinforcement learning with verifiable rewards (GRPO) on questions with known answers",
+    ),
     "eval": ("hippocrates.eval.cli", "evaluate on MedQA, MedMCQA, PubMedQA, USMLE (log-likelihood scoring)"),
     "ablate": ("hippocrates.analyses.ablation", "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO"),
     "compare": ("hippocrates.analyses.compare", "paired comparison of two evaluations (difference, CI, p)"),

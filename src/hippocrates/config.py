@@ -192,6 +192,39 @@ class DPOStage(Strict):
     train: TrainSettings = TrainSettings(learning_rate=5e-5, gradient_checkpointing=True)
 
 
+class GRPORewards(Strict):
+    """Weights of the verifiable rewards (each is 0..1 per completion, the length penalty -1..0)."""
+
+    correct: float = Field(1.0, ge=0.0, description="the extracted answer is the gold option")
+    format: float = Field(0.2, ge=0.0, description="the last line is a parseable 'Answer: X'")
+    length: float = Field(0.0, ge=0.0, description="minus the share of max_completion_length used")
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="your reward functions by import path 'package.module:function' -> weight",
+    )
+
+
+class GRPOStage(Strict):
+    """Reinforcement learning with verifiable rewards: GRPO on multiple-choice questions with known
+    answers, with LoRA. Training questions come from the sources' train splits, never the test sets."""
+
+    enabled: bool = False
+    after: Literal["sft", "dpo"] = Field("sft", description="which stage's model GRPO starts from")
+    data: list[Source] = Field(default_factory=list)
+    eval_data: list[Source] = Field(
+        default_factory=list,
+        description="held-out questions: generative accuracy and mean reward before/after",
+    )
+    group_size: int = Field(4, ge=2, description="completions sampled per question (TRL's num_generations)")
+    max_completion_length: int = Field(256, gt=0, description="the thinking budget, in tokens")
+    temperature: float = Field(1.0, gt=0.0)
+    beta: float = Field(0.0, ge=0.0, description="KL penalty towards the input model (0: none)")
+    system_prompt: str | None = Field(None, description="an optional system turn before every question")
+    rewards: GRPORewards = GRPORewards()
+    lora: LoRASettings = LoRASettings()
+    train: TrainSettings = TrainSettings(learning_rate=2e-5, batch_size=8, max_seq_len=1024)
+
+
 def _non_negative_shots(shots: list[int]) -> list[int]:
     if any(k < 0 for k in shots):
         raise ValueError("shots must be >= 0")
@@ -276,6 +309,7 @@ class Stages(Strict):
     sft: SFTStage = SFTStage()
     annotate: AnnotateStage = AnnotateStage()
     dpo: DPOStage = DPOStage()
+    grpo: GRPOStage = GRPOStage()
 
 
 class Recipe(Strict):
@@ -307,9 +341,15 @@ class Recipe(Strict):
         place = self.source_path or "recipe"
         return f"{place}:{line}: {key}" if line else f"{place}: {key}"
 
+    def stage_order(self) -> list[str]:
+        """The training stages in pipeline order; GRPO sits after SFT or after DPO."""
+        order = ["cpt", "sft", "annotate", "dpo"]
+        order.insert(order.index(self.stages.grpo.after) + 1, "grpo")
+        return order
+
     def enabled_stages(self) -> list[str]:
         """Stage names to run, in pipeline order."""
-        out = [s for s in ("cpt", "sft", "annotate", "dpo") if getattr(self.stages, s).enabled]
+        out = [s for s in self.stage_order() if getattr(self.stages, s).enabled]
         if self.eval.enabled:
             out.append("eval")
         out += [

@@ -27,8 +27,18 @@ from hippocrates.loggers import scalars_of
 from hippocrates.progress import status
 from hippocrates.record import check_owner, current, read_manifest
 
-ORDER = ("cpt", "sft", "annotate", "dpo", "eval", "ablate", "sweep", "report")
-TRAINING = ("cpt", "sft", "dpo")
+ORDER = (
+    "cpt",
+    "sft",
+    "grpo",
+    "annotate",
+    "dpo",
+    "eval",
+    "ablate",
+    "sweep",
+    "report",
+)  # for --stages and --from
+TRAINING = ("cpt", "sft", "dpo", "grpo")
 PREVIEW_QUESTION = "What are the warning signs of a stroke, and what should someone do if they notice them?"
 
 
@@ -80,6 +90,11 @@ def generate_answer(model, tokenizer, question: str, max_new_tokens: int) -> str
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+def order(recipe: Recipe) -> list[str]:
+    """Every step in the order this recipe runs them (GRPO after SFT or after DPO)."""
+    return [*recipe.stage_order(), "eval", "ablate", "sweep", "report"]
+
+
 def selected_stages(recipe: Recipe, stages: str | None) -> list[str]:
     enabled = [*recipe.enabled_stages(), "report"]
     if not stages:
@@ -91,7 +106,7 @@ def selected_stages(recipe: Recipe, stages: str | None) -> list[str]:
     disabled = [n for n in names if n not in enabled]
     if disabled:
         raise HippoError(f"--stages: {disabled[0]} is disabled in the recipe")
-    return [s for s in ORDER if s in names]
+    return [s for s in order(recipe) if s in names]
 
 
 class Pipeline:
@@ -103,7 +118,8 @@ class Pipeline:
         self.recipe, self.args = recipe, args
         self.out = Path(recipe.output_dir)
         self.selected = selected_stages(recipe, args.stages)
-        self.forced = set(ORDER[ORDER.index(args.from_stage) :]) if args.from_stage else set()
+        steps = order(recipe)
+        self.forced = set(steps[steps.index(args.from_stage) :]) if args.from_stage else set()
         self.report_to = report_to_arg(args.report_to)
         self.model = recipe.base_model
         self.rows: list[Row] = []
@@ -247,7 +263,7 @@ class Pipeline:
 
     def run(self) -> list[Row]:
         enabled = [*self.recipe.enabled_stages(), "report"]
-        for stage in ORDER:
+        for stage in order(self.recipe):
             if stage not in enabled:
                 self.rows.append(Row(stage, "disabled in recipe"))
                 continue
@@ -285,6 +301,7 @@ def _headline(stage: str, metrics: dict[str, Any]) -> str:
         "cpt": ("eval_perplexity_before", "eval_perplexity_after", "ppl"),
         "sft": ("eval_loss_before", "eval_loss_after", "held-out loss"),
         "dpo": ("eval_reward_accuracy_before", "eval_reward_accuracy_after", "reward acc"),
+        "grpo": ("eval_accuracy_before", "eval_accuracy_after", "held-out generative acc"),
     }[stage]
     before, after = metrics.get(keys[0]), metrics.get(keys[1])
     if before is None or after is None:

@@ -1,7 +1,7 @@
 """``hippo ablate RECIPE``: how much does each stage contribute? (the paper's ablation table)
 
-Evaluates the recipe's models on its eval tasks: base, +CPT, +SFT (from base), +CPT+SFT and
-+CPT+SFT+DPO. Models come from the pipeline's folders (OUTPUT/cpt, sft, annotate, dpo) when they
+Evaluates the recipe's models on its eval tasks: base, +CPT, +SFT (from base), +CPT+SFT, then each
+later stage in the recipe's order (+CPT+SFT+DPO; with GRPO, +CPT+SFT+GRPO(+DPO) or +CPT+SFT+DPO+GRPO). Models come from the pipeline's folders (OUTPUT/cpt, sft, annotate, dpo) when they
 are current for the recipe (:func:`hippocrates.record.current`: same config, input model and data)
 and are trained otherwise; the one extra model, SFT from the base, goes to
 OUTPUT/ablation/sft_from_base. Each variant's evaluation goes to
@@ -39,27 +39,61 @@ class Variant:
     model: str  # the key of the trained model it evaluates (see Ablation.ensure)
 
 
-VARIANTS = (
+BASIC = (
     Variant("base", "Base", (), "base"),
     Variant("cpt", "+CPT", ("cpt",), "cpt"),
     Variant("sft_from_base", "+SFT", ("sft",), "sft_from_base"),
     Variant("cpt_sft", "+CPT+SFT", ("cpt", "sft"), "sft"),
-    Variant("cpt_sft_dpo", "+CPT+SFT+DPO", ("cpt", "sft", "dpo"), "dpo"),
 )
-# key -> (stage module, key of its input model, output folder below OUTPUT)
-TRAINED = {
-    "cpt": ("cpt", "base", "cpt"),
-    "sft": ("sft", "cpt", "sft"),
-    "sft_from_base": ("sft", "base", "ablation/sft_from_base"),
-    "annotate": ("annotate", "sft", "annotate"),
-    "dpo": ("dpo", "sft", "dpo"),
-}
+ALL_NAMES = (
+    "base",
+    "cpt",
+    "sft_from_base",
+    "cpt_sft",
+    "cpt_sft_dpo",
+    "cpt_sft_grpo",
+    "cpt_sft_grpo_dpo",
+    "cpt_sft_dpo_grpo",
+)
 MODULES = {
     "cpt": "hippocrates.stages.cpt",
     "sft": "hippocrates.stages.sft",
     "dpo": "hippocrates.stages.dpo",
+    "grpo": "hippocrates.stages.grpo",
     "annotate": "hippocrates.rlaif.annotate",
 }
+
+
+def training_chain(recipe: Recipe) -> list[str]:
+    """The training stages in the pipeline's order (GRPO, when enabled, after SFT or after DPO)."""
+    return [
+        s
+        for s in recipe.stage_order()
+        if s in ("cpt", "sft", "grpo", "dpo") and (s != "grpo" or recipe.stages.grpo.enabled)
+    ]
+
+
+def variants_of(recipe: Recipe) -> list[Variant]:
+    """The rows of the recipe's ablation: base, +CPT, +SFT, +CPT+SFT, then each later stage in order."""
+    out, chain = list(BASIC), ["cpt", "sft"]
+    for stage in training_chain(recipe)[2:]:
+        chain.append(stage)
+        out.append(Variant("_".join(chain), "+" + "+".join(s.upper() for s in chain), tuple(chain), stage))
+    return out
+
+
+def trained_of(recipe: Recipe) -> dict[str, tuple[str, str, str]]:
+    """key -> (stage, key of its input model, output folder below OUTPUT), chained as the pipeline chains
+    them: each stage trains the latest enabled stage's model; annotate samples the model DPO starts from."""
+    out = {"sft_from_base": ("sft", "base", "ablation/sft_from_base")}
+    previous = "base"
+    for stage in training_chain(recipe):
+        out[stage] = (stage, previous, stage)
+        if stage == "dpo":
+            out["annotate"] = ("annotate", previous, "annotate")
+        if getattr(recipe.stages, stage).enabled:
+            previous = stage
+    return out
 
 
 class Ablation:
@@ -88,9 +122,7 @@ class Ablation:
         if key == "base":
             self.models[key] = self.recipe.base_model
             return self.models[key]
-        stage, source, folder = TRAINED[key]
-        if key == "sft" and not self.recipe.stages.cpt.enabled:
-            source = "base"  # the pipeline's SFT trains the base model when CPT is off
+        stage, source, folder = trained_of(self.recipe)[key]
         model = self.ensure(source)
         if key == "dpo" and not self.recipe.stages.dpo.data:
             self.ensure("annotate")
@@ -208,7 +240,8 @@ def run_ablation(
     force_eval: bool = False,
 ) -> dict[str, Any]:
     """Run the ablation of ``recipe``; return (and write to OUTPUT/ablation/) its table data."""
-    names = [v.name for v in VARIANTS]
+    rows = variants_of(recipe)
+    names = [v.name for v in rows]
     unknown = sorted(set(variants or []) - set(names))
     if unknown:
         raise HippoError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(names)}")
@@ -221,7 +254,7 @@ def run_ablation(
         "prompt": recipe.eval.prompt, "chat_template": recipe.eval.chat_template, "protocol": recipe.eval.protocol,
         "limit": ablation.limit, "variants": [],
     }  # fmt: skip
-    for variant in VARIANTS:
+    for variant in rows:
         if variants and variant.name not in variants:
             continue
         data["variants"].append(ablation.run_variant(variant))
@@ -237,7 +270,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shots", type=int, default=None, help="few-shot count (default: the recipe's first)"
     )
     parser.add_argument(
-        "--variants", default=None, help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)}"
+        "--variants",
+        default=None,
+        help=f"comma-separated subset of: {', '.join(ALL_NAMES)} (as the recipe has them)",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items per task")
     parser.add_argument("--force-eval", action="store_true", help="re-evaluate even when results are current")
@@ -253,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         raise HippoError(f"--limit must be >= 1, got {args.limit}")
     recipe = load_recipe(args.recipe)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    names = {v.name for v in VARIANTS}
+    names = {v.name for v in variants_of(recipe)}
     if variants and not set(variants) <= names:
         bad = sorted(set(variants) - names)
         raise HippoError(

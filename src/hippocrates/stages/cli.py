@@ -14,8 +14,6 @@ from hippocrates.errors import HippoError
 from hippocrates.record import read_manifest
 from hippocrates.stages.run import stage_dir
 
-TRAINING_ORDER = ("cpt", "sft", "dpo", "grpo")
-
 
 def add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
@@ -56,7 +54,7 @@ def report_to_arg(value: str | None) -> list[str] | None:
 
 def default_input_model(recipe: Recipe, stage: str) -> str:
     """The model a standalone stage trains: the latest earlier training stage's output, else the base."""
-    order = [s for s in TRAINING_ORDER if s != "grpo" or stage == "grpo"]
+    order = [s for s in recipe.stage_order() if s != "annotate"]
     for previous in reversed(order[: order.index(stage)]):
         if getattr(recipe.stages, previous).enabled and read_manifest(stage_dir(recipe, previous)):
             return str(stage_dir(recipe, previous))

@@ -612,7 +612,8 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        state.counters["bad_requests" if exc.status < 500 and exc.status != 429 else "errors"] += 1
+        if exc.status != 429:  # refusals when busy are counted as rejected_busy
+            state.counters["errors" if exc.status >= 500 else "bad_requests"] += 1
         rid = request_id(request)
         log_failure(rid, exc)
         return error_response(exc, rid, {"Retry-After": "1"} if exc.status == 429 else None)
@@ -736,6 +737,7 @@ def create_app(
                             yield chunk(shape.delta(event.text, event.tokens if want else None, None))
                     elif isinstance(event, Done):
                         count(event)
+                        admission.release()  # before the last bytes: the client may ask again at once
                         yield chunk(shape.delta(None, [] if want else None, event.finish_reason))
                         if include_usage:
                             yield chunk(None, event)

@@ -9,8 +9,8 @@ rubric again with each pair. ``hippo serve`` renders the same messages to the sa
 HTTP judge with log-prob verdicts decides exactly like this one (:func:`~.judges.logprob_verdicts`).
 
 Small models prefer a position, by an amount that depends on the question (on the 40
-human-labelled demo pairs SmolLM2-135M's raw verdict says "A" in about two thirds of the cases and
-survives swapping the answers in half of the pairs). ``calibrate`` subtracts that preference before
+human-labelled demo pairs SmolLM2-135M's decisive raw verdicts say "A" 70% of the time, and the
+raw verdict survives swapping the answers in 14 of the 40 pairs). ``calibrate`` subtracts that preference before
 deciding (see :func:`~.judges.position_biases`); the raw verdict is kept beside the corrected one,
 and order consistency is measured on the raw verdicts.
 

@@ -85,7 +85,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         content = body["messages"][0]["content"]
-        marker = next((m for m in (*MARKERS, "DRIP") if f"[{m}]" in content), "PREFER-SHORT")
+        marker = next((m for m in (*MARKERS, "DRIP", "NOPREFILL") if f"[{m}]" in content), "PREFER-SHORT")
         with self.server.lock:
             self.server.counts[marker] += 1
             self.server.counts["total"] += 1
@@ -101,6 +101,9 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(1.5)
         if marker == "DRIP":
             return self.drip("Verdict: A")
+        if marker == "NOPREFILL" and "continue_final_message" in body:  # as OpenAI answers it
+            message = "Unrecognized request argument supplied: continue_final_message"
+            return self.reply(400, {"error": {"message": message, "param": None, "code": None}})
         if marker == "GARBLE":
             return self.answer("Both answers have merit and it depends.")
         if marker == "BADREQ":
@@ -266,6 +269,25 @@ def test_auto_mode_falls_back_to_text_verdicts_and_says_so(server: FaultyServer,
     assert server.counts["total"] == 3 + 1 == judge.stats["requests"]
     strict = make_judge(server, None, verdict="logprobs", concurrency=1).judge_pairs(items[:1])
     assert strict[0].verdict is None and strict[0].error.startswith("no log-prob verdict")
+
+
+def test_auto_mode_tells_a_refused_logprob_request_from_a_refused_item(server: FaultyServer):
+    refused = [JudgeItem(f"Question [NOPREFILL] {i}?", "a", "bb") for i in range(3)]
+    judge = make_judge(server, None, verdict="auto", concurrency=1)
+    assert [v.verdict for v in judge.judge_pairs(refused)] == ["A", "A", "A"]
+    reason = "HTTP 400: Unrecognized request argument supplied: continue_final_message"
+    assert judge.stats["logprob_fallbacks"] == {reason: 3} and server.counts["NOPREFILL"] == 3 + 1
+    # a 400 about the item itself (too long) is not the endpoint's answer for every item
+    judge = make_judge(server, None, verdict="auto", concurrency=1)
+    verdicts = judge.judge_pairs(
+        [JudgeItem("Question [BADREQ]?", "a", "b"), JudgeItem("Question 2?", "a", "bb")]
+    )
+    assert verdicts[0].error == "HTTP 400: context length exceeded" and verdicts[1].verdict == "A"
+    assert server.counts["BADREQ"] == 2  # log-probs refused for this item, then its text request too
+    assert judge.stats["logprob_fallbacks"] == {
+        "HTTP 400: context length exceeded": 1,
+        "the endpoint returned no log-probabilities": 1,
+    }
 
 
 def test_the_timeout_is_a_deadline_for_the_whole_reply(server: FaultyServer):

@@ -12,7 +12,8 @@ Where the verdict comes from (``verdict``):
 * ``text``: the judge writes ``Verdict: A|B|tie`` and ``Reason: ...`` (``max_tokens``).
 * ``auto`` (default): log-probs; an item whose request is refused (400, 404, 422) or whose reply
   lacks the log-probabilities of both letters gets a text verdict instead, and once the endpoint
-  has shown it offers none, every later item does. ``stats["verdicts"]`` counts both sources and
+  has shown it offers none (a reply without log-probabilities, a refusal naming those fields, a
+  404), every later item does. ``stats["verdicts"]`` counts both sources and
   ``stats["logprob_fallbacks"]`` the reasons.
 
 The client retries 408, 409, 429, 5xx, timeouts and dropped connections up to ``max_retries``
@@ -318,8 +319,10 @@ class HTTPJudge:
             )
         except openai.APIStatusError as exc:
             if exc.status_code in REFUSED and self.verdict == "auto":
-                self._no_logprobs = f"HTTP {exc.status_code}: {_status_message(exc)}"
-                return self._no_logprobs
+                reason = f"HTTP {exc.status_code}: {_status_message(exc)}"
+                if _refuses_logprob_fields(exc):  # the endpoint will refuse every item alike
+                    self._no_logprobs = reason
+                return reason
             return self._failed(_describe(exc, self.timeout_s))
         except openai.OpenAIError as exc:
             return self._failed(_describe(exc, self.timeout_s))
@@ -401,6 +404,15 @@ def _letter_logprob(options: list[tuple[str, float]], letter: str) -> float | No
         return exact[0]
     loose = [lp for token, lp in options if token.strip() == letter]
     return max(loose) if loose else None
+
+
+def _refuses_logprob_fields(exc: Any) -> bool:
+    """Whether a refusal is about the log-prob request itself (not, say, this item's length)."""
+    body = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else {}
+    code = body.get("code") if isinstance(body, dict) else None
+    text = f"{_status_message(exc)} {body.get('param') if isinstance(body, dict) else ''}"
+    fields = ("continue_final_message", "add_generation_prompt", "logprobs", "top_logprobs")
+    return code == "unsupported_parameter" or exc.status_code == 404 or any(f in text for f in fields)
 
 
 def _status_message(exc: Any) -> str:

@@ -415,7 +415,6 @@ class BatchSink:
     def __init__(self, state: State, jobs: list[Job]) -> None:
         self.state, self.jobs = state, jobs
         self.rows = [RowText(state, j) for j in jobs]
-        self.sent: list[list[TokenInfo]] = [[] for _ in jobs]
         self.finished = [False] * len(jobs)
 
     def post(self, job: Job, event: Piece | Done | Failed) -> None:

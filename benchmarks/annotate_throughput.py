@@ -1,10 +1,14 @@
 """RLAIF judging throughput: pairs/s with the local judge (batched, rubric prefix shared) and through
-``hippo serve`` with the HTTP judge; optionally the whole demo annotate stage, timed.
+``hippo serve`` with the HTTP judge (log-prob and text verdicts); optionally the whole demo
+annotate stage, timed. It then compares the judges on the same items: how often the HTTP judge's
+verdict equals the local judge's, their order consistency, and each one's agreement with the
+human labels (accuracy and Cohen's kappa, as ``hippo annotate --agreement`` computes them).
 
 A "pair" is one question with two answers judged in both orders (two judge calls). The pairs are
 the human-labelled ones in data/demo/preferences/human_labels.jsonl (answers of 30-60 words).
 
     python benchmarks/annotate_throughput.py                    # local + serve, embedded model
+    python benchmarks/annotate_throughput.py --pairs 40 --batch-sizes 8 --concurrency 4   # all 40 pairs
     python benchmarks/annotate_throughput.py --demo             # also time `annotate` on recipes/demo.yaml
     python benchmarks/annotate_throughput.py --json out.json
 
@@ -29,7 +33,8 @@ from pathlib import Path
 import httpx
 
 from hippocrates.data.io import read_jsonl
-from hippocrates.rlaif.judges import JudgeItem, load_rubric
+from hippocrates.rlaif.agreement import agreement_metrics
+from hippocrates.rlaif.judges import JudgeItem, Verdict, combine_orders, load_rubric, order_consistency
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = REPO / "data" / "demo" / "preferences" / "human_labels.jsonl"
@@ -48,18 +53,24 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def bench_local(model_spec: str, items: list[JudgeItem], batch_sizes: list[int]) -> list[dict]:
+def bench_local(
+    model_spec: str,
+    items: list[JudgeItem],
+    batch_sizes: list[int],
+    verdicts: dict[str, list[Verdict]],
+    unshared: bool = True,
+) -> list[dict]:
     from hippocrates.models import load_model, load_tokenizer
     from hippocrates.rlaif.local_judge import LocalJudge
 
     model, tokenizer = load_model(model_spec), load_tokenizer(model_spec)
     rows = []
-    for share in (True, False):
+    for share in (True, False) if unshared else (True,):
         for bs in batch_sizes:
             judge = LocalJudge(model, tokenizer, rubric=load_rubric(), batch_size=bs, share_prefix=share)
             judge.log_probs(items[:2], show_progress=False)  # warm-up
             start = time.perf_counter()
-            judge.judge_pairs(items)
+            verdicts.setdefault("local", judge.judge_pairs(items))
             seconds = time.perf_counter() - start
             rows.append(
                 {
@@ -85,7 +96,12 @@ def free_port() -> int:
 
 
 def bench_serve(
-    model_spec: str, items: list[JudgeItem], concurrency: list[int], max_tokens: int
+    model_spec: str,
+    items: list[JudgeItem],
+    concurrency: list[int],
+    max_tokens: int,
+    modes: list[str],
+    verdicts: dict[str, list[Verdict]],
 ) -> list[dict]:
     from hippocrates.rlaif.http_judge import HTTPJudge
 
@@ -117,40 +133,42 @@ def bench_serve(
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
-        for c in concurrency:
-            judge = HTTPJudge(
-                f"{url}/v1",
-                "judge",
-                rubric=load_rubric(),
-                concurrency=c,
-                max_tokens=max_tokens,
-                timeout_s=600,
-                max_retries=0,
-            )  # no cache: every item is a request
-            before = httpx.get(f"{url}/v1/stats").json()
-            start = time.perf_counter()
-            judge.judge_pairs(items)
-            seconds = time.perf_counter() - start
-            after = httpx.get(f"{url}/v1/stats").json()
-            rows.append(
-                {
-                    "backend": "http (hippo serve)",
-                    "concurrency": c,
-                    "max_tokens": max_tokens,
-                    "pairs": len(items) // 2,
-                    "seconds": round(seconds, 2),
-                    "pairs_per_s": round(len(items) / 2 / seconds, 3),
-                    "requests": after["requests"] - before["requests"],
-                    "parsed": judge.stats["answered"],
-                    "mean_batch": round(
-                        (after["completions"] - before["completions"])
-                        / max(after["batches"] - before["batches"], 1),
-                        2,
-                    ),
-                    "load_avg_1m": load(),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+        for mode in modes:
+            for c in concurrency:
+                judge = HTTPJudge(
+                    f"{url}/v1",
+                    "judge",
+                    rubric=load_rubric(),
+                    concurrency=c,
+                    max_tokens=max_tokens,
+                    timeout_s=600,
+                    max_retries=0,
+                    verdict=mode,  # type: ignore[arg-type]
+                )  # no cache: every item is a request
+                before = httpx.get(f"{url}/v1/stats").json()
+                start = time.perf_counter()
+                verdicts.setdefault(f"http {mode}", judge.judge_pairs(items))
+                seconds = time.perf_counter() - start
+                after = httpx.get(f"{url}/v1/stats").json()
+                rows.append(
+                    {
+                        "backend": f"http (hippo serve), {mode} verdicts",
+                        "concurrency": c,
+                        "max_tokens": 1 if mode == "logprobs" else max_tokens,
+                        "pairs": len(items) // 2,
+                        "seconds": round(seconds, 2),
+                        "pairs_per_s": round(len(items) / 2 / seconds, 3),
+                        "requests": after["requests"] - before["requests"],
+                        "answered": judge.stats["answered"],
+                        "mean_batch": round(
+                            (after["completions"] - before["completions"])
+                            / max(after["batches"] - before["batches"], 1),
+                            2,
+                        ),
+                        "load_avg_1m": load(),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -179,7 +197,7 @@ def bench_demo(recipe_path: str) -> dict:
         "ties",
         "inconsistent",
         "consistency_rate",
-        "raw_consistency_rate",
+        "corrected_consistency_rate",
         "time_s",
     )
     row = {
@@ -192,6 +210,37 @@ def bench_demo(recipe_path: str) -> dict:
     return row
 
 
+def compare(items: list[JudgeItem], verdicts: dict[str, list[Verdict]], n_pairs: int) -> dict:
+    """Each judge against the human labels, and every HTTP judge against the local one, item by item."""
+    human = [r["label"] for r in read_jsonl(LABELS)[:n_pairs]]
+    out: dict = {}
+    for name, vs in verdicts.items():
+        labels = []
+        for k in range(len(human)):
+            outcome = combine_orders(vs[2 * k], vs[2 * k + 1])
+            labels.append(None if outcome == "failed" else "tie" if outcome == "inconsistent" else outcome)
+        kept = [(h, j) for h, j in zip(human, labels, strict=True) if j is not None]
+        metrics = agreement_metrics([h for h, _ in kept], [j for _, j in kept])
+        out[name] = {
+            "failed_pairs": len(human) - len(kept),
+            "accuracy": metrics["accuracy"],
+            "cohen_kappa": metrics["cohen_kappa"],
+            "judge_counts": metrics["judge_counts"],
+            **order_consistency(vs),
+        }
+        if name != "local" and "local" in verdicts:
+            local = verdicts["local"]
+            out[name]["same_verdict_as_local"] = sum(
+                a.verdict == b.verdict for a, b in zip(vs, local, strict=True)
+            )
+            out[name]["same_raw_verdict_as_local"] = sum(
+                a.raw_verdict == b.raw_verdict for a, b in zip(vs, local, strict=True)
+            )
+            out[name]["items"] = len(items)
+        print(json.dumps({"judge": name, **out[name]}), flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,8 +249,12 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=16, help="pairs to judge (each in both orders)")
     parser.add_argument("--batch-sizes", default="8,16")
     parser.add_argument("--concurrency", default="1,4")
-    parser.add_argument("--max-tokens", type=int, default=8, help="HTTP judge reply length")
+    parser.add_argument("--max-tokens", type=int, default=8, help="HTTP judge reply length (text verdicts)")
+    parser.add_argument("--verdicts", default="logprobs,text", help="HTTP judge verdict modes to run")
     parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument(
+        "--skip-unshared", action="store_true", help="skip the local judge without prefix sharing"
+    )
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--demo", action="store_true", help="also time annotate on --recipe")
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "demo.yaml"))
@@ -216,15 +269,19 @@ def main() -> int:
         f"{torch.get_num_threads()}, load {load()}",
         flush=True,
     )
-    rows = []
+    rows: list = []
+    verdicts: dict[str, list[Verdict]] = {}
     if not args.skip_local:
-        rows += bench_local(args.model, items, [int(b) for b in args.batch_sizes.split(",")])
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        rows += bench_local(args.model, items, batch_sizes, verdicts, unshared=not args.skip_unshared)
     if not args.skip_http:
-        rows += bench_serve(args.model, items, [int(c) for c in args.concurrency.split(",")], args.max_tokens)
+        concurrency, modes = [int(c) for c in args.concurrency.split(",")], args.verdicts.split(",")
+        rows += bench_serve(args.model, items, concurrency, args.max_tokens, modes, verdicts)
+    comparison = compare(items, verdicts, len(items) // 2)
     if args.demo:
         rows.append(bench_demo(args.recipe))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"rows": rows, "judges": comparison}, indent=2) + "\n")
     return 0
 
 

@@ -1,9 +1,10 @@
 """The HTTP judge against a small, real, deliberately faulty OpenAI-style server on loopback.
 
 The server's behaviour is chosen by a marker in the patient question: answer, fail once (500 or
-429), always fail (503), hang past the client timeout, reply without a verdict, or reject (400).
-It counts every request it receives, so the tests can check retries, failure accounting, the
-cache (nothing answered is asked again) and crash safety on the server side.
+429), always fail (503), hang past the client timeout, drip its reply a byte at a time, reply
+without a verdict, or reject (400). It never returns log-probabilities. It counts every request
+it receives, so the tests can check retries, failure accounting, the cache (nothing answered is
+asked again), the fallback to text verdicts and crash safety on the server side.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hippocrates.rlaif.http_judge import HTTPJudge
 from hippocrates.rlaif.judges import JudgeItem, load_rubric
 
 MARKERS = ("OK", "FLAKY", "RATE", "DOWN", "HANG", "GARBLE", "BADREQ")
+DRIP_DELAY_S = 0.05  # between the bytes of a dripped reply: each read is quick, the whole reply is not
 
 
 class FaultyServer(ThreadingHTTPServer):
@@ -64,10 +66,26 @@ class Handler(BaseHTTPRequestHandler):
     def answer(self, text: str) -> None:
         self.reply(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
+    def drip(self, text: str) -> None:
+        data = json.dumps(
+            {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(DRIP_DELAY_S)
+        except OSError:  # the client gave up
+            pass
+
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         content = body["messages"][0]["content"]
-        marker = next((m for m in MARKERS if f"[{m}]" in content), "PREFER-SHORT")
+        marker = next((m for m in (*MARKERS, "DRIP", "NOPREFILL") if f"[{m}]" in content), "PREFER-SHORT")
         with self.server.lock:
             self.server.counts[marker] += 1
             self.server.counts["total"] += 1
@@ -81,6 +99,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(503, {"error": {"message": "overloaded"}})
         if marker == "HANG":
             time.sleep(1.5)
+        if marker == "DRIP":
+            return self.drip("Verdict: A")
+        if marker == "NOPREFILL" and "continue_final_message" in body:  # as OpenAI answers it
+            message = "Unrecognized request argument supplied: continue_final_message"
+            return self.reply(400, {"error": {"message": message, "param": None, "code": None}})
         if marker == "GARBLE":
             return self.answer("Both answers have merit and it depends.")
         if marker == "BADREQ":
@@ -105,8 +128,8 @@ def server() -> Iterator[FaultyServer]:
         thread.join(timeout=5)
 
 
-def make_judge(server: FaultyServer, cache: JudgeCache, **kw) -> HTTPJudge:
-    options = {"timeout_s": 0.3, "max_retries": 2, "backoff_s": 0.01, "concurrency": 3, **kw}
+def make_judge(server: FaultyServer, cache: JudgeCache | None, **kw) -> HTTPJudge:
+    options = {"timeout_s": 0.3, "max_retries": 1, "concurrency": 4, "verdict": "text", **kw}
     return HTTPJudge(server.base_url, "fake-judge", rubric=load_rubric(), cache=cache, **options)
 
 
@@ -119,14 +142,14 @@ def test_faults_are_retried_then_counted_and_answers_never_asked_twice(server: F
     assert [got[m].verdict for m in ("OK", "FLAKY", "RATE")] == ["A", "B", "A"]
     assert got["FLAKY"].reason == "safer advice."
     assert got["DOWN"].verdict is None and got["DOWN"].error.startswith("HTTP 503: overloaded")
-    assert got["HANG"].verdict is None and got["HANG"].error.startswith("timeout")
+    assert got["HANG"].verdict is None and got["HANG"].error == "timeout: no complete answer within 0.3 s"
     assert got["GARBLE"].verdict is None and got["GARBLE"].error.startswith("unparsable verdict")
     assert got["GARBLE"].raw == "Both answers have merit and it depends."
     assert got["BADREQ"].verdict is None and "context length exceeded" in got["BADREQ"].error
     # server side: retries for 5xx/429/timeouts (1 + max_retries), none for 400 or an unparsable reply
-    expected = {"OK": 1, "FLAKY": 2, "RATE": 2, "DOWN": 3, "HANG": 3, "GARBLE": 1, "BADREQ": 1}
+    expected = {"OK": 1, "FLAKY": 2, "RATE": 2, "DOWN": 2, "HANG": 2, "GARBLE": 1, "BADREQ": 1}
     assert {m: server.counts[m] for m in MARKERS} == expected
-    assert judge.stats["requests"] == sum(expected.values()) and judge.stats["retries"] == 6
+    assert judge.stats["requests"] == sum(expected.values()) and judge.stats["retries"] == 4
     assert judge.stats["answered"] == 3 and judge.stats["failed"] == 4
     assert len(cache) == 3  # only answers are cached
 
@@ -134,7 +157,7 @@ def test_faults_are_retried_then_counted_and_answers_never_asked_twice(server: F
     assert [v.cached for v in again[:3]] == [True, True, True]
     assert [v.verdict for v in again[:3]] == ["A", "B", "A"]
     rerun = {m: server.counts[m] - expected[m] for m in MARKERS}
-    assert rerun == {"OK": 0, "FLAKY": 0, "RATE": 0, "DOWN": 3, "HANG": 3, "GARBLE": 1, "BADREQ": 1}
+    assert rerun == {"OK": 0, "FLAKY": 0, "RATE": 0, "DOWN": 2, "HANG": 2, "GARBLE": 1, "BADREQ": 1}
 
 
 def test_a_crash_keeps_every_answer_already_received(server: FaultyServer, tmp_path: Path, monkeypatch):
@@ -168,7 +191,7 @@ def test_api_key_goes_only_into_the_header(server: FaultyServer, tmp_path: Path,
         api_key_env="HIPPO_TEST_JUDGE_KEY",
         timeout_s=0.3,
         max_retries=0,
-        backoff_s=0.0,
+        verdict="text",
     )
     judge = HTTPJudge.from_config(config, rubric=load_rubric(), cache_path=tmp_path / "c.sqlite")
     verdicts = judge.judge_pairs([JudgeItem("Q [OK]", "a", "b"), JudgeItem("Q [DOWN]", "a", "b")])
@@ -197,6 +220,7 @@ def test_annotate_with_http_judge_reruns_from_cache(
         "model": "fake-judge",
         "api_key_env": "HIPPO_TEST_JUDGE_KEY",
         "timeout_s": 5,
+        "verdict": "text",
     }
     recipe = {
         "name": "http",
@@ -219,6 +243,8 @@ def test_annotate_with_http_judge_reruns_from_cache(
     metrics = read_json(out / "metrics.json")
     asked = server.counts["total"]
     assert asked == metrics["judged_pairs"] * 2 and metrics["consistency_rate"] == 1.0
+    assert metrics["corrected_consistency_rate"] is None  # text verdicts: nothing was corrected
+    assert metrics["judge_stats"]["annotate"]["asked"] == asked
     prefs = read_jsonl(out / "preferences.jsonl")
     assert len(prefs) == metrics["judged_pairs"] and all(
         len(p["chosen"]) <= len(p["rejected"]) for p in prefs
@@ -229,4 +255,79 @@ def test_annotate_with_http_judge_reruns_from_cache(
         assert "sekrit" not in (out / name).read_text()
     assert main(["annotate", str(path)]) == 0  # same candidates (seeded), every verdict cached
     assert server.counts["total"] == asked
-    assert read_json(out / "metrics.json")["judge_stats"]["cache_hits"] == asked
+    assert read_json(out / "metrics.json")["judge_stats"]["annotate"]["cache_hits"] == asked
+
+
+def test_auto_mode_falls_back_to_text_verdicts_and_says_so(server: FaultyServer, tmp_path: Path):
+    items = [JudgeItem(f"Question {i}?", "a short answer", "a much longer answer") for i in range(3)]
+    judge = make_judge(server, JudgeCache(tmp_path / "c.sqlite"), verdict="auto", concurrency=1)
+    verdicts = judge.judge_pairs(items)
+    assert [v.verdict for v in verdicts] == ["A", "A", "A"] and {v.source for v in verdicts} == {"text"}
+    assert judge.stats["verdicts"] == {"logprobs": 0, "text": 3}
+    # one request learnt that the endpoint gives no log-probabilities; later items went straight to text
+    assert judge.stats["logprob_fallbacks"] == {"the endpoint returned no log-probabilities": 3}
+    assert server.counts["total"] == 3 + 1 == judge.stats["requests"]
+    strict = make_judge(server, None, verdict="logprobs", concurrency=1).judge_pairs(items[:1])
+    assert strict[0].verdict is None and strict[0].error.startswith("no log-prob verdict")
+
+
+def test_auto_mode_tells_a_refused_logprob_request_from_a_refused_item(server: FaultyServer):
+    refused = [JudgeItem(f"Question [NOPREFILL] {i}?", "a", "bb") for i in range(3)]
+    judge = make_judge(server, None, verdict="auto", concurrency=1)
+    assert [v.verdict for v in judge.judge_pairs(refused)] == ["A", "A", "A"]
+    reason = "HTTP 400: Unrecognized request argument supplied: continue_final_message"
+    assert judge.stats["logprob_fallbacks"] == {reason: 3} and server.counts["NOPREFILL"] == 3 + 1
+    # a 400 about the item itself (too long) is not the endpoint's answer for every item
+    judge = make_judge(server, None, verdict="auto", concurrency=1)
+    verdicts = judge.judge_pairs(
+        [JudgeItem("Question [BADREQ]?", "a", "b"), JudgeItem("Question 2?", "a", "bb")]
+    )
+    assert verdicts[0].error == "HTTP 400: context length exceeded" and verdicts[1].verdict == "A"
+    assert server.counts["BADREQ"] == 2  # log-probs refused for this item, then its text request too
+    assert judge.stats["logprob_fallbacks"] == {
+        "HTTP 400: context length exceeded": 1,
+        "the endpoint returned no log-probabilities": 1,
+    }
+
+
+def test_the_timeout_is_a_deadline_for_the_whole_reply(server: FaultyServer):
+    """A server that drips its (valid) reply keeps every read short; the deadline still ends it."""
+    judge = make_judge(server, None, timeout_s=0.5, max_retries=0)
+    (verdict,) = judge.judge_pairs([JudgeItem("Question [DRIP]?", "a", "b")])
+    assert verdict.verdict is None and verdict.error == "timeout: no complete answer within 0.5 s"
+    assert judge.stats["errors"] == {"timeout": 1} and server.counts["DRIP"] == 1
+
+
+@pytest.mark.parametrize(
+    "down, share, failure",
+    [
+        (2, None, "4 of 4 judge calls failed (HTTP 503: 4): every call failed"),
+        (2, 1.0, "4 of 4 judge calls failed (HTTP 503: 4): every call failed"),
+        (1, None, None),  # the default fails only when every call failed
+        (1, 0.25, "2 of 4 judge calls failed (HTTP 503: 2): more than judge.max_failed_share=0.25"),
+    ],
+)
+def test_annotate_fails_when_too_many_judge_calls_fail(
+    server: FaultyServer, tmp_path: Path, tiny_llama_dir: Path, capsys, down: int, share, failure
+):
+    from hippocrates.cli import main
+
+    prompts = tmp_path / "q.jsonl"
+    questions = [f"Question {'[DOWN] ' if i < down else ''}{i}?" for i in range(2)]
+    prompts.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": q}) + "\n" for i, q in enumerate(questions))
+    )
+    judge = {"backend": "http", "base_url": server.base_url, "model": "fake-judge", "max_retries": 0,
+             "verdict": "text", "max_failed_share": share}  # fmt: skip
+    recipe = {"name": "dead", "base_model": str(tiny_llama_dir), "output_dir": str(tmp_path / "run"),
+              "stages": {"annotate": {"prompts": str(prompts), "n_candidates": 2, "max_new_tokens": 4,
+                                      "judge": judge}}}  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))
+    code = main(["annotate", str(path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hippo annotate")]
+    if failure is None:
+        assert code == 0 and err == [] and (tmp_path / "run" / "annotate" / "metrics.json").is_file()
+        return
+    assert code == 2 and len(err) == 1 and f"annotate: {failure}" in err[0], err
+    assert not (tmp_path / "run" / "annotate").exists()

@@ -128,6 +128,10 @@ def write_recipe(tmp_path: Path, model: Path, **annotate) -> Path:
     return path
 
 
+def agreement_rows(tmp_path: Path) -> int:
+    return len(read_jsonl(tmp_path / "human.jsonl"))
+
+
 def test_hippo_annotate_end_to_end(tmp_path: Path, tiny_llama_dir: Path, capsys):
     recipe = write_recipe(tmp_path, tiny_llama_dir)
     demo_labels = Path(__file__).resolve().parents[1] / "data" / "demo" / "preferences" / "human_labels.jsonl"
@@ -145,16 +149,22 @@ def test_hippo_annotate_end_to_end(tmp_path: Path, tiny_llama_dir: Path, capsys)
     )
     assert metrics["pairs"] == 6 and len(prefs) + len(aside) == 6
     assert metrics["preference_pairs"] == len(prefs) > 0
-    assert metrics["raw_consistency_rate"] is not None
+    assert 0.0 <= metrics["consistency_rate"] <= 1.0  # on the raw verdicts
+    assert metrics["corrected_consistency_rate"] is not None and metrics["calibrate"] == "question"
+    assert set(metrics["judge_stats"]) == {"annotate", "agreement"}
+    assert metrics["judge_stats"]["agreement"]["items"] == 2 * agreement_rows(tmp_path)
     assert metrics["ties"] + metrics["inconsistent"] + metrics["failed"] + metrics["identical_pairs"] == len(
         aside
     )
-    assert 0.0 <= metrics["consistency_rate"] <= 1.0
     for p in prefs:
         assert {"prompt", "chosen", "rejected", "reason", "judge", "rubric_version", "verdicts"} <= set(p)
         assert p["chosen"] != p["rejected"] and p["rubric_version"] == "1.0"
         orders = p["verdicts"]
         assert {orders["first_shown_first"]["verdict"], orders["second_shown_first"]["verdict"]} == {"A", "B"}
+        assert (
+            orders["first_shown_first"]["source"] == "logprobs"
+            and "raw_verdict" in orders["first_shown_first"]
+        )
     agreement = metrics["agreement"]
     assert (
         agreement["pairs"] == len(read_jsonl(human))
@@ -198,7 +208,7 @@ def test_embedded_judge_produces_preference_pairs(tmp_path: Path, embedded_model
     assert metrics["pairs"] == 3 and metrics["failed"] == 0 and metrics["inconsistent"] == 0
     assert len(prefs) >= 1, metrics
     assert all(p["judge"] == "local:smollm2-135m" for p in prefs)
-    assert metrics["judge_stats"]["prefix_tokens"] > 300  # chat template + rubric computed once
+    assert metrics["judge_stats"]["annotate"]["prefix_tokens"] > 300  # chat template + rubric computed once
 
 
 def fake_scores(table: dict[tuple[str, str], float]):

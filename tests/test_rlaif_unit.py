@@ -12,7 +12,16 @@ from hippocrates.rlaif.agreement import agreement_metrics, cohen_kappa, confusio
 from hippocrates.rlaif.annotate import make_pairs, position_stats, resolve_pairs
 from hippocrates.rlaif.cache import JudgeCache, cache_key
 from hippocrates.rlaif.candidates import candidate_seed, load_prompts
-from hippocrates.rlaif.judges import JudgeItem, Verdict, combine_orders, load_rubric, parse_verdict
+from hippocrates.rlaif.judges import (
+    JudgeItem,
+    Verdict,
+    combine_orders,
+    items_to_score,
+    load_rubric,
+    logprob_verdicts,
+    order_consistency,
+    parse_verdict,
+)
 
 
 @pytest.mark.parametrize(
@@ -147,9 +156,33 @@ def test_resolve_pairs_both_directions_and_set_aside():
     assert prefs[0]["verdicts"]["second_shown_first"]["verdict"] == "B"
     assert [s["outcome"] for s in out["set_aside"]] == ["inconsistent", "failed"]
     assert out["counts"] == {"A": 1, "B": 1, "tie": 0, "inconsistent": 1, "failed": 1}
-    stats = position_stats(verdicts, out["counts"])
-    assert stats["consistency_rate"] == pytest.approx(2 / 3)
+    stats = position_stats(verdicts)
+    assert stats["consistency_rate"] == pytest.approx(2 / 3)  # the failed pair is left out
     assert stats["first_position_rate"] == pytest.approx(4 / 6)
+    assert stats["corrected_consistency_rate"] is None  # text verdicts: no correction
+
+
+def test_consistency_is_measured_on_raw_verdicts_and_the_correction_is_reported_beside_it():
+    """A judge that always prefers the first slot, by more than the answers differ: every raw pair
+    is inconsistent; the per-question correction (order averaging) makes them agree by construction."""
+    items = [
+        JudgeItem("q1", "x", "y"),
+        JudgeItem("q1", "y", "x"),
+        JudgeItem("q2", "u", "v"),
+        JudgeItem("q2", "v", "u"),
+    ]
+    scores = {items[0]: (-0.2, -1.0), items[1]: (-0.4, -0.9), items[2]: (-0.5, -1.5), items[3]: (-0.3, -1.4)}
+    assert items_to_score(items, "question") == items  # the mirrors are already there
+    verdicts = logprob_verdicts(items, scores, calibrate="question", tie_threshold=0.0)
+    assert [v.raw_verdict for v in verdicts] == ["A", "A", "A", "A"]
+    assert [v.verdict for v in verdicts] == ["A", "B", "B", "A"]  # x beats y; v beats u
+    assert all(v.source == "logprobs" and v.corrected for v in verdicts)
+    stats = order_consistency(verdicts)
+    assert stats == {"consistency_rate": 0.0, "corrected_consistency_rate": 1.0, "first_position_rate": 1.0}
+    raw = logprob_verdicts(items, scores, calibrate="none", tie_threshold=0.0)
+    assert [v.verdict for v in raw] == ["A"] * 4 and order_consistency(raw)[
+        "corrected_consistency_rate"
+    ] is None
 
 
 def test_make_pairs_sets_identical_candidates_aside():
@@ -159,10 +192,11 @@ def test_make_pairs_sets_identical_candidates_aside():
     assert [p["candidates"] for p in identical] == [[0, 1]]
 
 
-def test_cache_roundtrip_and_key_covers_order_judge_and_rubric(tmp_path: Path):
+def test_cache_roundtrip_and_key_covers_order_judge_rubric_and_source(tmp_path: Path):
     rubric = load_rubric()
     item = JudgeItem("q", "a", "b")
     key = cache_key("http:m@u", rubric, item)
+    assert key != cache_key("http:m@u", rubric, item, "logprobs")
     assert key != cache_key("http:m@u", rubric, JudgeItem("q", "b", "a"))
     assert key != cache_key("http:other@u", rubric, item)
     other_rubric = type(rubric)("2.0", rubric.text, rubric.sha256, rubric.path)
@@ -174,6 +208,40 @@ def test_cache_roundtrip_and_key_covers_order_judge_and_rubric(tmp_path: Path):
     cache.close()
     again = JudgeCache(tmp_path / "c.sqlite").get(key)
     assert again is not None and again.verdict == "B" and again.reason == "r" and again.cached
+    assert again.source == "text"
+    lp_key = cache_key("http:m@u", rubric, item, "logprobs")
+    measured = Verdict("A", scores={"logp_a": -0.5, "logp_b": -0.9}, source="logprobs")
+    JudgeCache(tmp_path / "c.sqlite").put(lp_key, "http:m@u", "1.0", measured)
+    back = JudgeCache(tmp_path / "c.sqlite").get(lp_key)
+    assert back is not None and back.source == "logprobs" and back.scores == {"logp_a": -0.5, "logp_b": -0.9}
+
+
+def test_a_cache_written_before_logprob_verdicts_still_opens(tmp_path: Path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "old.sqlite")
+    old.execute("CREATE TABLE verdicts (key TEXT PRIMARY KEY, judge TEXT NOT NULL, rubric_version TEXT NOT NULL, "
+                "verdict TEXT NOT NULL, reason TEXT NOT NULL, raw TEXT, created REAL NOT NULL)")  # fmt: skip
+    old.execute("INSERT INTO verdicts VALUES ('k', 'j', '1.0', 'A', 'r', 'Verdict: A', 0)")
+    old.commit()
+    old.close()
+    cache = JudgeCache(tmp_path / "old.sqlite")
+    assert cache.get("k").verdict == "A" and cache.get("k").source == "text"
+    cache.put("k2", "j", "1.0", Verdict("B", scores={"logp_a": -1.0, "logp_b": -0.5}, source="logprobs"))
+    assert cache.get("k2").scores["logp_b"] == -0.5 and len(cache) == 2
+
+
+def test_removed_and_new_judge_settings():
+    from pydantic import ValidationError
+
+    from hippocrates.config import JudgeSettings
+
+    with pytest.raises(ValidationError, match="backoff_s is no longer a setting"):
+        JudgeSettings(backoff_s=1.0)
+    with pytest.raises(ValidationError, match="max_failed_share"):
+        JudgeSettings(max_failed_share=1.5)
+    settings = JudgeSettings(backend="http", base_url="http://x/v1")
+    assert settings.verdict == "auto" and settings.max_failed_share is None
 
 
 def test_rubric_is_versioned_and_custom_rubric_needs_a_version(tmp_path: Path):

@@ -107,12 +107,12 @@ def test_v03_encodes_continuations_on_their_own(sp):
 
 def test_judge_reads_the_verdict_letter_tokens(tiny_sp_llama_dir, sp):
     from hippocrates.models import load_model
-    from hippocrates.rlaif.judges import JudgeItem, load_rubric
-    from hippocrates.rlaif.local_judge import LEAD, LocalJudge
+    from hippocrates.rlaif.judges import VERDICT_LEAD, JudgeItem, load_rubric
+    from hippocrates.rlaif.local_judge import LocalJudge
 
     judge = LocalJudge(load_model(str(tiny_sp_llama_dir)), sp, rubric=load_rubric(), tie_threshold=0.0)
     text = judge.render(JudgeItem("q", "a", "b"))
-    assert text.endswith(LEAD)
+    assert text.endswith(VERDICT_LEAD)
     full_a = sp(text + " A", add_special_tokens=True)["input_ids"]
     full_b = sp(text + " B", add_special_tokens=True)["input_ids"]
     assert full_a[-1] == judge.token_a and full_b[-1] == judge.token_b  # what follows the prompt as one text

@@ -107,11 +107,27 @@ def _alpaca(tokenizer: Any, messages: list[dict[str, Any]], add_generation_promp
 
 
 def render(
-    tokenizer: Any, messages: list[dict[str, Any]], fmt: Format, *, add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    fmt: Format,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final: bool = False,
 ) -> str:
-    """The conversation as text; with ``add_generation_prompt`` it ends where the model answers."""
+    """The conversation as text; with ``add_generation_prompt`` it ends where the model answers.
+
+    ``continue_final``: the last message is the start of the assistant's answer, left open for the
+    model to continue (the text is the conversation before it, ready for an answer, then its
+    content). The log-prob judge and ``hippo serve`` (``continue_final_message``) use this.
+    """
     if not messages:
         raise HippoError("empty conversation")
+    if continue_final:
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise HippoError(
+                "continuing the final message needs a conversation that ends with an assistant turn"
+            )
+        return render(tokenizer, messages[:-1], fmt) + messages[-1]["content"]
     if fmt == "chat":
         return _apply_template(tokenizer, _plain(messages), add_generation_prompt)
     return _alpaca(tokenizer, messages, add_generation_prompt)

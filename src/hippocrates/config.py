@@ -140,23 +140,50 @@ class JudgeSettings(Strict):
     api_key_env: str | None = Field(
         None, description="name of the env var holding the API key (never the key)"
     )
-    timeout_s: float = Field(60.0, gt=0.0)
-    max_retries: int = Field(4, ge=0)
+    timeout_s: float = Field(
+        60.0, gt=0.0, description="http: deadline for each request, whole reply included"
+    )
+    max_retries: int = Field(
+        4, ge=0, description="http: retries on 408/409/429/5xx, timeouts, lost connections"
+    )
     concurrency: int = Field(4, gt=0)
     rubric: str | None = Field(
         None, description="path to a rubric file; default: the bundled clinician rubric"
     )
-    backoff_s: float = Field(1.0, ge=0.0, description="http: first retry delay, doubled on each retry")
-    max_tokens: int = Field(128, gt=0, description="http: reply length limit")
+    max_tokens: int = Field(128, gt=0, description="http: reply length limit of text verdicts")
+    verdict: Literal["auto", "logprobs", "text"] = Field(
+        "auto",
+        description="http: the verdict from log P(' A') vs log P(' B') like the local judge (logprobs), "
+        "from the reply's 'Verdict: X' (text), or logprobs where the endpoint returns them, else text (auto)",
+    )
     cache: str | None = Field(
         None, description="http: sqlite answer cache; default OUTPUT/judge_cache.sqlite"
     )
     tie_threshold: float = Field(
-        0.02, ge=0.0, description="local: |log P(A) - log P(B)| at or below is a tie"
+        0.02, ge=0.0, description="log-prob verdicts: |log P(A) - log P(B)| at or below is a tie"
     )
     calibrate: Literal["question", "mean", "content-free", "none"] = Field(
-        "question", description="local: remove the judge's first-position preference before deciding"
+        "question",
+        description="log-prob verdicts: subtract the judge's first-position preference before deciding "
+        "(a correction; order consistency is reported on the raw verdicts)",
     )
+    max_failed_share: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="the run fails when more than this share of judge calls failed in a phase "
+        "(annotate, agreement); default: only when every call failed",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "backoff_s" in data:
+            raise ValueError(
+                "backoff_s is no longer a setting: the openai client backs off 0.5 s, 1 s, 2 s ... up to "
+                "8 s and honours Retry-After; remove the key"
+            )
+        return data
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> JudgeSettings:

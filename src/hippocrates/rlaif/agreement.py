@@ -1,9 +1,10 @@
 """How well the AI judge agrees with clinicians: accuracy and Cohen's kappa over {A, B, tie}.
 
 The judge sees every human-labelled pair in both orders, like in annotate. Its label for a pair
-is the consistent verdict; a pair it judges inconsistently (it followed the position) counts as
-``tie``, since the judge then has no preference. Pairs where the judge failed are left out and
-counted. Kappa is ours (a few lines) so the definition is explicit, and the tests check it
+is the consistent verdict (after the position-bias correction, as annotate uses it); a pair it
+judges inconsistently (it followed the position) counts as ``tie``, since the judge then has no
+preference. Pairs where the judge failed are left out and counted. The order consistency of the
+raw verdicts is reported beside the accuracy. Kappa is ours (a few lines) so the definition is explicit, and the tests check it
 against a hand-computed example and scikit-learn.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from hippocrates.data.io import iter_jsonl, require_fields
 from hippocrates.errors import HippoError
-from hippocrates.rlaif.judges import LABELS, Judge, JudgeItem, combine_orders
+from hippocrates.rlaif.judges import LABELS, Judge, JudgeItem, combine_orders, order_consistency
 
 FIELDS = ["prompt", "response_a", "response_b", "label"]
 
@@ -107,6 +108,9 @@ def evaluate_agreement(judge: Judge, path: str | Path) -> tuple[dict[str, Any], 
         pairs=len(rows),
         failed=sum(d["outcome"] == "failed" for d in details),
         inconsistent=sum(d["outcome"] == "inconsistent" for d in details),
+        items=len(verdicts),
+        failed_items=sum(not v.ok for v in verdicts),
+        **order_consistency(verdicts),
         judge=judge.name,
         rubric_version=judge.rubric.version,
     )

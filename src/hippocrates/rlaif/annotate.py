@@ -3,8 +3,12 @@
 For each patient question we sample n candidates, form every pair, and ask the judge about each
 pair in both orders. Only pairs where both orders agree become (chosen, rejected) preferences for
 DPO; ties, inconsistent (position-following) verdicts, failures and identical candidates are kept
-in set_aside.jsonl with their verdicts, and the consistency rate goes into metrics.json. The
-whole output directory is written atomically, so a crash never leaves a half-finished stage.
+in set_aside.jsonl with their verdicts. metrics.json reports the order consistency of the judge's
+raw verdicts and, beside it, that after the position-bias correction (``judge.calibrate``), and
+``judge_stats`` per phase (annotate, agreement). When more than ``judge.max_failed_share`` of a
+phase's judge calls fail (by default: all of them) the stage fails with one line and writes
+nothing (the answers received stay cached). The whole output directory is written atomically, so
+a crash never leaves a half-finished stage.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from hippocrates.rlaif.judges import (
     default_device,
     load_rubric,
     make_judge,
+    order_consistency,
 )
 
 
@@ -88,24 +93,24 @@ def resolve_pairs(pairs: list[dict[str, Any]], verdicts: list[Verdict], judge: J
     return {"preferences": preferences, "set_aside": set_aside, "counts": counts}
 
 
-def position_stats(verdicts: list[Verdict], counts: dict[str, int]) -> dict[str, Any]:
-    """Consistency rate (same verdict after swapping, ties included) and first-slot preference.
+def position_stats(verdicts: list[Verdict]) -> dict[str, Any]:
+    """Order consistency of the raw verdicts, the same after the position-bias correction, and the
+    first-slot preference (:func:`~.judges.order_consistency`)."""
+    return order_consistency(verdicts)
 
-    For a log-prob judge, ``raw_consistency_rate`` is the same rate before calibration, so the
-    report shows how much of the consistency the calibration supplies.
-    """
-    judged = sum(counts[k] for k in ("A", "B", "tie", "inconsistent"))
-    decisive = [v.verdict for v in verdicts if v.verdict in ("A", "B")]
-    raw = None
-    if verdicts and all("logp_a" in v.scores for v in verdicts):
-        labels = [Verdict("A" if v.scores["logp_a"] > v.scores["logp_b"] else "B") for v in verdicts]
-        outcomes = [combine_orders(labels[k], labels[k + 1]) for k in range(0, len(labels) - 1, 2)]
-        raw = sum(o != "inconsistent" for o in outcomes) / len(outcomes)
-    return {
-        "consistency_rate": (judged - counts["inconsistent"]) / judged if judged else None,
-        "raw_consistency_rate": raw,
-        "first_position_rate": decisive.count("A") / len(decisive) if decisive else None,
-    }
+
+def check_failures(
+    phase: str, failed: int, total: int, stats: dict[str, Any], max_share: float | None
+) -> None:
+    """Fail the stage with one line when too many judge calls of a phase failed (by default: all)."""
+    if not failed or (failed < total and (max_share is None or failed / total <= max_share)):
+        return
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(stats.get("errors", {}).items())) or "see set_aside"
+    limit = "every call failed" if failed == total else f"more than judge.max_failed_share={max_share:g}"
+    raise HippoError(
+        f"{phase}: {failed} of {total} judge calls failed ({kinds}): {limit}; nothing was written "
+        "(answers received are cached, so a rerun asks only the rest)"
+    )
 
 
 def check_judge(config: Any) -> None:
@@ -200,8 +205,15 @@ def run_annotate(
     ]
     status(f"annotate: judging {len(pairs)} pairs in both orders with {judge.name}")
     t_judge0 = time.time()
+    judge.reset_stats()
     verdicts = judge.judge_pairs(items)
     t_judge = time.time() - t_judge0
+    judge_stats = {"annotate": copy.deepcopy(judge.stats)}
+    failed_items = sum(not v.ok for v in verdicts)
+    _report_failures("annotate", failed_items, len(verdicts), judge_stats["annotate"])
+    check_failures(
+        "annotate", failed_items, len(verdicts), judge_stats["annotate"], cfg.judge.max_failed_share
+    )
     result = resolve_pairs(pairs, verdicts, judge)
     set_aside = [{**p, "outcome": "identical"} for p in identical] + result["set_aside"]
     metrics: dict[str, Any] = {
@@ -215,13 +227,14 @@ def run_annotate(
         "ties": result["counts"]["tie"],
         "inconsistent": result["counts"]["inconsistent"],
         "failed": result["counts"]["failed"],
-        "failed_items": sum(not v.ok for v in verdicts),
+        "failed_items": failed_items,
         "set_aside": len(set_aside),
-        **position_stats(verdicts, result["counts"]),
+        **position_stats(verdicts),
+        "calibrate": cfg.judge.calibrate if any(v.corrected for v in verdicts) else None,
         "judge": judge.name,
         "judge_backend": cfg.judge.backend,
         "rubric_version": judge.rubric.version,
-        "judge_stats": copy.deepcopy(judge.stats),  # agreement reuses the judge
+        "judge_stats": judge_stats,
         "candidate_tokens_mean": _mean_tokens(records),
         "time_s": {
             "load": round(t_load - t0, 2),
@@ -233,13 +246,13 @@ def run_annotate(
     agreement_rows = None
     if agreement:
         status(f"annotate: agreement with human labels in {agreement}")
+        judge.reset_stats()
         metrics["agreement"], agreement_rows = evaluate_agreement(judge, agreement)
+        judge_stats["agreement"] = copy.deepcopy(judge.stats)
+        failed, total = metrics["agreement"]["failed_items"], metrics["agreement"]["items"]
+        _report_failures("agreement", failed, total, judge_stats["agreement"])
+        check_failures("agreement", failed, total, judge_stats["agreement"], cfg.judge.max_failed_share)
     metrics["time_s"]["total"] = round(time.time() - t0, 2)
-    if metrics["failed_items"]:
-        status(
-            f"annotate: {metrics['failed_items']} judge calls failed ({judge.stats.get('errors', {})}); "
-            "a rerun retries only those (answers are cached)"
-        )
     if not result["preferences"]:
         status("annotate: warning: no preference pairs; DPO will have nothing to train on")
     outputs = ["candidates.jsonl", "preferences.jsonl", "set_aside.jsonl", "metrics.json"]
@@ -261,9 +274,29 @@ def run_annotate(
     return metrics
 
 
+def _report_failures(phase: str, failed: int, total: int, stats: dict[str, Any]) -> None:
+    if failed:
+        status(
+            f"{phase}: {failed} of {total} judge calls failed ({stats.get('errors', {})}); "
+            "a rerun retries only those (answers are cached)"
+        )
+
+
 def _mean_tokens(records: list[dict[str, Any]]) -> float:
     counts = [c["n_tokens"] for r in records for c in r["candidates"]]
     return round(sum(counts) / len(counts), 2) if counts else 0.0
+
+
+def _consistency_line(m: dict[str, Any]) -> str:
+    """Raw order consistency, and the corrected one named as a correction."""
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    line = f"order consistency {fmt(m['consistency_rate'])} (raw verdicts)"
+    if m.get("corrected_consistency_rate") is not None:
+        line += f", {fmt(m['corrected_consistency_rate'])} after the position-bias correction"
+    return line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -296,11 +329,10 @@ def run(args: argparse.Namespace) -> int:
     preflight(recipe, ["annotate"], model=model, outputs=[out_dir])
     with hold(recipe.output_dir), hold(out_dir.parent):
         m = run_annotate(recipe, model, out_dir, agreement=args.agreement, overwrite=args.overwrite)
-    rate = m["consistency_rate"]
     print(
         f"annotate: {m['preference_pairs']} preference pairs from {m['judged_pairs']} judged pairs "
         f"(ties {m['ties']}, inconsistent {m['inconsistent']}, failed {m['failed']}, "
-        f"identical {m['identical_pairs']}); consistency rate {'n/a' if rate is None else f'{rate:.3f}'}"
+        f"identical {m['identical_pairs']}); {_consistency_line(m)}"
     )
     if "agreement" in m:
         a = m["agreement"]
@@ -308,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         acc = "n/a" if a["accuracy"] is None else f"{a['accuracy']:.3f}"
         print(
             f"agreement with {args.agreement}: accuracy {acc}, Cohen's kappa {kappa} over {a['n']} pairs "
-            f"({a['failed']} failed)"
+            f"({a['failed']} failed); {_consistency_line(a)}"
         )
     print(f"annotate: preferences.jsonl, set_aside.jsonl, candidates.jsonl, metrics.json in {out_dir}")
     return 0

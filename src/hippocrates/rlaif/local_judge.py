@@ -1,21 +1,24 @@
 """A local Hugging Face model as judge: the verdict is read from next-token log-probabilities.
 
-After the judge prompt (through the chat template when there is one) the assistant turn starts
-with ``Better response:``; we compare log P(" A") with log P(" B") at that point. No text is
-generated, so one forward pass per item suffices, and because every prompt starts with the same
-rubric we run that shared prefix once and reuse its KV cache for every batch: on 2 CPU cores this
-is ~3x faster than feeding the rubric again with each pair.
+The conversation of :func:`~.judges.verdict_messages` (the judge prompt, then the assistant's
+open ``Better response: Response``) is rendered by :func:`hippocrates.chat.render` and we compare
+log P(" A") with log P(" B") for the next token. No text is generated, so one forward pass per
+item suffices, and because every prompt starts with the same rubric we run that shared prefix
+once and reuse its KV cache for every batch: on 2 CPU cores this is ~3x faster than feeding the
+rubric again with each pair. ``hippo serve`` renders the same messages to the same tokens, so the
+HTTP judge with log-prob verdicts decides exactly like this one (:func:`~.judges.logprob_verdicts`).
 
-Small models prefer whichever letter comes first, by an amount that depends on the question:
-SmolLM2-135M puts 0.5-2.5 nats more on "A" whatever the answers, while swapping the answers moves
-the margin by only ~0.01-0.5. We subtract that preference before deciding. ``calibrate``:
+Small models prefer a position, by an amount that depends on the question (on the 40
+human-labelled demo pairs SmolLM2-135M's decisive raw verdicts say "A" 70% of the time, and the
+raw verdict survives swapping the answers in 14 of the 40 pairs). ``calibrate`` subtracts that preference before
+deciding (see :func:`~.judges.position_biases`); the raw verdict is kept beside the corrected one,
+and order consistency is measured on the raw verdicts.
 
 * ``question`` (default): the mean margin over all items of the same question, in both orders.
   With two candidates per question this is the order-averaged margin of Wang et al. (2023),
-  "Large Language Models are not Fair Evaluators", so both orders agree unless the margin is
-  within ``tie_threshold``; with three or more candidates the check stays informative.
-* ``mean``: one bias for the whole call (the mean margin over every item in both orders); keeps
-  the both-orders check strict but leaves question-specific bias in place.
+  "Large Language Models are not Fair Evaluators", so both corrected orders agree unless the
+  margin is within ``tie_threshold``.
+* ``mean``: one bias for the whole call (the mean margin over every item in both orders).
 * ``content-free``: the margin on a pair of "N/A" answers, as in "Calibrate Before Use"
   (Zhao et al., 2021).  ``none``: raw log-probabilities.
 """
@@ -27,10 +30,15 @@ from typing import Any
 
 from hippocrates import chat
 from hippocrates.progress import progress
-from hippocrates.rlaif.judges import ASK_LOCAL, JudgeItem, Rubric, Verdict, judge_prompt
-
-LEAD = "Better response:"
-CONTENT_FREE = JudgeItem("N/A", "N/A", "N/A")
+from hippocrates.rlaif.judges import (
+    VERDICT_LEAD,
+    JudgeItem,
+    Rubric,
+    Verdict,
+    items_to_score,
+    logprob_verdicts,
+    verdict_messages,
+)
 
 
 class LocalJudge:
@@ -44,7 +52,7 @@ class LocalJudge:
         rubric: Rubric,
         name: str = "local",
         batch_size: int = 8,
-        tie_threshold: float = 0.0,
+        tie_threshold: float = 0.02,
         calibrate: str = "question",
         share_prefix: bool = True,
     ) -> None:
@@ -53,21 +61,23 @@ class LocalJudge:
         self.calibrate, self.share_prefix = calibrate, share_prefix
         self.fmt = chat.choose_format(tokenizer, "auto")
         self.token_a, self.token_b = self._verdict_token(" A"), self._verdict_token(" B")
-        self.bias: float | None = None
-        self.stats: dict[str, Any] = {"items": 0, "forward_tokens": 0, "prefix_tokens": 0}
+        self.stats: dict[str, Any] = {}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.stats = {"items": 0, "scored": 0, "forward_tokens": 0, "prefix_tokens": 0}
 
     def _verdict_token(self, word: str) -> int:
-        """The single token that continues ``Better response:`` with `` A`` (tokenizer-agnostic)."""
-        base = self.tokenizer(LEAD, add_special_tokens=False)["input_ids"]
-        full = self.tokenizer(LEAD + word, add_special_tokens=False)["input_ids"]
+        """The single token that continues the verdict lead with `` A`` (tokenizer-agnostic)."""
+        base = self.tokenizer(VERDICT_LEAD, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(VERDICT_LEAD + word, add_special_tokens=False)["input_ids"]
         if full[: len(base)] == base and len(full) == len(base) + 1:
             return full[-1]
         return self.tokenizer(word, add_special_tokens=False)["input_ids"][-1]
 
     def render(self, item: JudgeItem) -> str:
         """The full text whose next token is the verdict letter."""
-        messages = chat.user(judge_prompt(self.rubric, item, ask=ASK_LOCAL))
-        return chat.render(self.tokenizer, messages, self.fmt) + LEAD
+        return chat.render(self.tokenizer, verdict_messages(self.rubric, item), self.fmt, continue_final=True)
 
     def _encode(self, items: list[JudgeItem]) -> list[list[int]]:
         special = chat.adds_special_tokens(self.fmt)
@@ -125,61 +135,23 @@ class LocalJudge:
         )
         return out.logits[:, -1]
 
-    def position_bias(self) -> float:
-        """log P(A) - log P(B) on a content-free pair: the judge's preference for the first slot."""
-        if self.bias is None:
-            ((lp_a, lp_b),) = self.log_probs([CONTENT_FREE], show_progress=False)
-            self.bias = lp_a - lp_b
-        return self.bias
-
     def judge_pairs(self, items: list[JudgeItem]) -> list[Verdict]:
-        """Verdicts from the calibrated log-prob margin; a tie when it is within ``tie_threshold``.
+        """Verdicts from the log-prob margin (:func:`~.judges.logprob_verdicts`).
 
-        ``question`` and ``mean`` calibration score every distinct item and its mirror (B shown
-        first), adding mirrors the caller did not ask for, and take the mean margin over that
-        order-balanced set, per question or over all items, as the position bias: a judge
-        without one would average exactly zero there.
+        ``question`` and ``mean`` calibration also score each item's mirror (B shown first) and
+        ``content-free`` an "N/A" pair, when the caller did not ask for them.
         """
         if not items:
             return []
-        distinct = list(dict.fromkeys(items))
-        balanced = self.calibrate in ("question", "mean")
-        if balanced:
-            distinct = list(dict.fromkeys(distinct + [_mirror(i) for i in distinct]))
-        scores = dict(zip(distinct, self.log_probs(distinct), strict=True))
-        biases = self._biases(scores)
-        verdicts = []
-        for item in items:
-            lp_a, lp_b = scores[item]
-            bias = biases.get(item.prompt, 0.0)
-            margin = lp_a - lp_b - bias
-            label = "tie" if abs(margin) <= self.tie_threshold else ("A" if margin > 0 else "B")
-            reason = f"log P(A)={lp_a:.3f}, log P(B)={lp_b:.3f}, position bias {bias:+.3f}"
-            numbers = {"logp_a": round(lp_a, 5), "logp_b": round(lp_b, 5), "margin": round(margin, 5)}
-            verdicts.append(Verdict(label, reason=reason, scores=numbers))
+        wanted = items_to_score(items, self.calibrate)
+        scores = dict(zip(wanted, self.log_probs(wanted), strict=True))
+        verdicts = logprob_verdicts(items, scores, calibrate=self.calibrate, tie_threshold=self.tie_threshold)
         self.stats["items"] += len(items)
-        if biases:
-            self.stats["position_bias_mean"] = round(sum(biases.values()) / len(biases), 5)
+        self.stats["scored"] += len(wanted)
+        margins = [v.scores["margin"] for v in verdicts]
+        raw = [v.scores["logp_a"] - v.scores["logp_b"] for v in verdicts]
+        self.stats["position_bias_mean"] = round((sum(raw) - sum(margins)) / len(verdicts), 5)
         return verdicts
-
-    def _biases(self, scores: dict[JudgeItem, tuple[float, float]]) -> dict[str, float]:
-        """The position bias to subtract, per question (prompt text)."""
-        prompts = {item.prompt for item in scores}
-        if self.calibrate == "none":
-            return {}
-        if self.calibrate == "content-free":
-            return dict.fromkeys(prompts, self.position_bias())
-        groups: dict[str, list[float]] = {}
-        for item, (lp_a, lp_b) in scores.items():
-            groups.setdefault(item.prompt if self.calibrate == "question" else "", []).append(lp_a - lp_b)
-        if self.calibrate == "mean":
-            overall = sum(groups[""]) / len(groups[""])
-            return dict.fromkeys(prompts, overall)
-        return {prompt: sum(m) / len(m) for prompt, m in groups.items()}
-
-
-def _mirror(item: JudgeItem) -> JudgeItem:
-    return JudgeItem(item.prompt, item.response_b, item.response_a)
 
 
 def _common_prefix_len(ids: list[list[int]]) -> int:

@@ -63,7 +63,8 @@ def test_trl_group_advantages_come_from_our_rewards(tmp_path, tiny_llama_dir):
     import torch
 
     from hippocrates import chat as chat_mod
-    from hippocrates.stages import grpo, run as stage_run
+    from hippocrates.stages import grpo
+    from hippocrates.stages import run as stage_run
 
     recipe = load_recipe(
         grpo_recipe(tmp_path, tiny_llama_dir, **{"train": {"batch_size": 8, "max_steps": 1}})

@@ -179,10 +179,13 @@ class JudgeSettings(Strict):
     @classmethod
     def _removed_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and "backoff_s" in data:
-            raise ValueError(
-                "backoff_s is no longer a setting: the openai client backs off 0.5 s, 1 s, 2 s ... up to "
-                "8 s and honours Retry-After; remove the key"
-            )
+            data = {k: v for k, v in data.items() if k != "backoff_s"}
+            if "backoff_s" not in _told:
+                _told.add("backoff_s")
+                from hippocrates.progress import status
+
+                status("judge.backoff_s is no longer used: the openai client backs off 0.5 s, 1 s, 2 s ... up to 8 s "
+                       "and honours Retry-After; the key can be removed")  # fmt: skip
         return data
 
     @model_validator(mode="after")

@@ -119,17 +119,17 @@ def _text(completion: Any) -> str:
 def correct(completions, gold, options, lettered, **_) -> list[float]:
     """1 when the answer read from the completion is the gold option, else 0."""
     return [
-        1.0 if extract(_text(c), o, lettered=l).index == g else 0.0
-        for c, g, o, l in zip(completions, gold, options, lettered, strict=True)
+        1.0 if extract(_text(c), opts, lettered=letters).index == g else 0.0
+        for c, g, opts, letters in zip(completions, gold, options, lettered, strict=True)
     ]
 
 
 def answer_format(completions, options, lettered, **_) -> list[float]:
     """1 when the completion's last line is an ``Answer: X`` that names an option, else 0."""
     out = []
-    for c, o, l in zip(completions, options, lettered, strict=True):
+    for c, opts, letters in zip(completions, options, lettered, strict=True):
         lines = [line for line in _text(c).splitlines() if line.strip()]
-        got = extract(lines[-1], o, lettered=l) if lines else None
+        got = extract(lines[-1], opts, lettered=letters) if lines else None
         out.append(1.0 if got is not None and got.rule == "answer-line" else 0.0)
     return out
 

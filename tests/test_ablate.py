@@ -18,7 +18,7 @@ from hippocrates.config import load_recipe
 from hippocrates.errors import HippoError
 from hippocrates.record import read_manifest
 
-TRAINED = ("cpt", "sft", "annotate", "dpo", "ablation/sft_from_base")
+TRAINED = ("cpt", "sft", "grpo", "annotate", "dpo", "ablation/sft_from_base")
 
 
 def fingerprints(out: Path) -> dict[str, str]:
@@ -27,14 +27,16 @@ def fingerprints(out: Path) -> dict[str, str]:
 
 def test_the_pipeline_ablation_has_every_variant(tiny_run):
     data = json.loads((tiny_run / "ablation" / "ablation.json").read_text())
-    assert [v["name"] for v in data["variants"]] == ["base", "cpt", "sft_from_base", "cpt_sft", "cpt_sft_dpo"]
+    assert [v["name"] for v in data["variants"]] == [
+        "base", "cpt", "sft_from_base", "cpt_sft", "cpt_sft_grpo", "cpt_sft_grpo_dpo"
+    ]  # fmt: skip
     assert all(v["status"] == "ok" and v["n"]["medqa"] == 4 for v in data["variants"])
     final = data["variants"][-1]
     assert (
         final["reused_eval"] and final["results"] == "eval/0shot/results.json"
     )  # relative: the run can move
     assert read_manifest(tiny_run / "ablation" / "sft_from_base").input_model.path.endswith("tiny-llama0")
-    assert "| +CPT+SFT+DPO |" in (tiny_run / "ablation" / "ablation.md").read_text()
+    assert "| +CPT+SFT+GRPO+DPO |" in (tiny_run / "ablation" / "ablation.md").read_text()
 
 
 def test_the_ablation_compares_each_variant_with_the_base_model(tiny_run):
@@ -57,7 +59,7 @@ def test_the_ablation_compares_each_variant_with_the_base_model(tiny_run):
     assert "**Stage ablation: each model against the base model, per task**" in md
     assert (
         "| +CPT | medqa | 4 |" in md
-        and "Holm p: p adjusted across the table's 4 comparisons against Base" in md
+        and "Holm p: p adjusted across the table's 5 comparisons against Base" in md
     )
 
 
@@ -88,7 +90,7 @@ def test_changed_lora_rank_and_learning_rate_retrain(copied_run):
     copied_run.write_text(yaml.safe_dump(recipe, sort_keys=False))
     data = run_ablation(load_recipe(copied_run))
     after = fingerprints(out)
-    for stage in ("cpt", "sft", "annotate", "dpo", "ablation/sft_from_base"):
+    for stage in TRAINED:
         assert after[stage] != before[stage], f"{stage} was reused although its inputs changed"
     assert read_manifest(out / "cpt").config["lora"]["r"] == 8
     reused = {v["name"]: v["reused_eval"] for v in data["variants"]}
@@ -97,7 +99,8 @@ def test_changed_lora_rank_and_learning_rate_retrain(copied_run):
         "cpt": False,
         "sft_from_base": False,
         "cpt_sft": False,
-        "cpt_sft_dpo": False,
+        "cpt_sft_grpo": False,
+        "cpt_sft_grpo_dpo": False,
     }
     again = run_ablation(load_recipe(copied_run))
     assert fingerprints(out) == after and all(v["reused_eval"] for v in again["variants"])
@@ -109,7 +112,7 @@ def test_only_what_changed_is_retrained(copied_run):
     recipe = yaml.safe_load(copied_run.read_text())
     recipe["stages"]["dpo"]["beta"] = 0.2
     copied_run.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    run_ablation(load_recipe(copied_run), variants=["cpt_sft_dpo"])
+    run_ablation(load_recipe(copied_run), variants=["cpt_sft_grpo_dpo"])
     after = fingerprints(out)
     assert [s for s in TRAINED if after[s] != before[s]] == ["dpo"]
 

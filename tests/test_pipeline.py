@@ -24,12 +24,13 @@ def run_pipeline(capsys, recipe: Path, *args: str) -> dict[str, str]:
 def test_whole_run_layout_and_chain(tiny_run):
     out = tiny_run
     rows = {r["stage"]: r for r in json.loads((out / "pipeline.json").read_text())}
-    assert [
-        rows[s]["status"] for s in ("cpt", "sft", "annotate", "dpo", "eval", "ablate", "sweep", "report")
-    ] == ["ran"] * 8
+    steps = ("cpt", "sft", "grpo", "annotate", "dpo", "eval", "ablate", "sweep", "report")
+    assert [rows[s]["status"] for s in steps] == ["ran"] * 9
+    assert list(rows) == list(steps), "GRPO runs after SFT, before annotation and DPO"
     assert read_manifest(out / "sft").input_model.path == str(out / "cpt"), "SFT trains the merged CPT model"
-    assert read_manifest(out / "annotate").input_model.path == str(out / "sft")
-    assert read_manifest(out / "dpo").input_model.path == str(out / "sft")
+    assert read_manifest(out / "grpo").input_model.path == str(out / "sft")
+    assert read_manifest(out / "annotate").input_model.path == str(out / "grpo")
+    assert read_manifest(out / "dpo").input_model.path == str(out / "grpo")
     assert read_manifest(out / "dpo").data[0]["path"] == str(out / "annotate" / "preferences.jsonl")
     for shots in (0, 1):
         manifest = read_manifest(out / "eval" / f"{shots}shot")
@@ -107,5 +108,5 @@ def test_dry_run_checks_answers_and_plans(tmp_path, tiny_llama_dir, capsys):
     recipe = full_recipe(tmp_path, tiny_llama_dir)
     assert main(["pipeline", str(recipe), "--dry-run", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "Q: " in out and "1. cpt" in out and "8. report" in out and "checked" in out
+    assert "Q: " in out and "1. cpt" in out and "9. report" in out and "checked" in out
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -43,15 +43,15 @@ def test_full_run_report_is_self_contained_and_complete(full_report) -> None:
     run, html, md = full_report
     assert re.findall(r'<section id="(\w+)">', html) == SECTIONS
     assert 'class="missing"' not in html and "Missing" not in md
-    # 3 training curves + (2 final-model shot counts + 5 ablation variants) x (reliability + density)
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 7 * 2
+    # 4 training curves + (2 final-model shot counts + 6 ablation variants) x (reliability + density)
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 4 + 8 * 2
     assert not re.search(r'(src|href)="(?!data:|#)', html)  # no file or network assets
     assert "<script" not in html and "default-src 'none'" in html
     assert sorted(p.name for p in (run / "report").iterdir()) == ["report.html", "report.md"]  # no temp files
     for text in (
-        "| +CPT+SFT+DPO |",
+        "| +CPT+SFT+GRPO+DPO |",
         "## Calibration",
-        "| Package | cpt | sft | annotate | dpo |",
+        "| Package | cpt | sft | grpo | annotate | dpo |",
         "of the weight update kept",
     ):
         assert text in md

@@ -200,8 +200,8 @@ def test_report_renders_in_chromium(browser: Browser, tiny_run: Path, tmp_path: 
     assert page["title"] == "Hippocrates report: run"
     assert page["sections"] == ["manifest", "training", "eval", "ablation", "prompting", "calibration"]
     assert page["tables"] >= 10
-    # 3 training curves + (2 final-model shot counts + 5 ablation variants) x (reliability + density)
-    assert page["images"] == 3 + 7 * 2
+    # 4 training curves + (2 final-model shot counts + 6 ablation variants) x (reliability + density)
+    assert page["images"] == 4 + 8 * 2
     assert page["broken"] == []
     assert page["external"] == []
     assert page["scripts"] == 0

@@ -118,6 +118,7 @@ def make_recipe(root: Path, model: Path, **overrides: Any) -> Path:
 
 
 BENCH = Path(__file__).resolve().parents[1] / "data" / "demo" / "benchmarks"
+GRPO = Path(__file__).resolve().parents[1] / "data" / "demo" / "grpo"
 EVAL_DATA = {
     "medqa": str(BENCH / "medqa" / "US_4_options_test.jsonl"),
     "pubmedqa": str(BENCH / "pubmedqa" / "ori_pqal.json"),
@@ -140,6 +141,12 @@ def full_recipe(root: Path, model: Path, **overrides: Any) -> Path:
             "judge": {"backend": "local", "model": str(model), "tie_threshold": 0.0},
         },
         "stages.dpo.data": [],
+        "stages.grpo": {
+            "enabled": True, "data": [{"path": str(GRPO / "train.jsonl"), "max_samples": 4}],
+            "eval_data": [{"path": str(GRPO / "heldout.jsonl"), "max_samples": 2}], "group_size": 2,
+            "max_completion_length": 8, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"batch_size": 2, "max_steps": 1, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 10},
+        },
         "eval": {"enabled": True, "tasks": list(EVAL_DATA), "data": EVAL_DATA, "num_fewshot": [0, 1], "limit": 4},
         "analyses": {
             "ablation": {"enabled": True, "num_fewshot": 0},

@@ -28,7 +28,7 @@ from hippocrates.report.tables import (
     sweep_table,
 )
 
-TRAIN_STAGES = ("cpt", "sft", "annotate", "dpo")
+TRAIN_STAGES = ("cpt", "sft", "grpo", "annotate", "dpo")
 
 
 @dataclass

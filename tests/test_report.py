@@ -14,7 +14,7 @@ from hippocrates.eval.calibration import calibration_table
 from hippocrates.report.build import build_report
 from hippocrates.report.tables import Table, ablation_table
 
-SECTIONS = ["manifest", "training", "eval", "ablation", "prompting", "calibration"]
+SECTIONS = ["glance", "manifest", "training", "eval", "ablation", "prompting", "calibration"]
 
 
 def _missing(html: str, section: str) -> str:
@@ -47,7 +47,11 @@ def test_full_run_report_is_self_contained_and_complete(full_report) -> None:
     assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 4 + 8 * 2
     assert not re.search(r'(src|href)="(?!data:|#)', html)  # no file or network assets
     assert "<script" not in html and "default-src 'none'" in html
-    assert sorted(p.name for p in (run / "report").iterdir()) == ["report.html", "report.md"]  # no temp files
+    assert sorted(p.name for p in (run / "report").iterdir()) == [
+        "at_a_glance.csv",
+        "report.html",
+        "report.md",
+    ]
     for text in (
         "| +CPT+SFT+GRPO+DPO |",
         "## Calibration",
@@ -70,7 +74,8 @@ def test_report_numbers_match_the_sources(full_report) -> None:
     assert f"| Base | {100 * base['acc']['medqa']:.1f} |" in md
     for v in ablation["variants"][1:]:
         avg = v["comparison"]["average"]
-        row = next(x for x in md.splitlines() if x.startswith(f"| {v['label']} |"))
+        section = md.split("## Stage ablation", 1)[1]
+        row = next(x for x in section.splitlines() if x.startswith(f"| {v['label']} |"))
         assert f"| {100 * avg['ci_low']:+.1f} | {100 * avg['ci_high']:+.1f} | " in row
         medqa = v["comparison"]["tasks"]["medqa"]
         assert (f"| {v['label']} | medqa | 4 | {100 * medqa['accuracy_a']:.1f} | {100 * medqa['accuracy_b']:.1f} | "
@@ -93,7 +98,7 @@ def test_partial_run_says_what_is_missing(tiny_run, tmp_path: Path) -> None:
     assert "ablation/ablation.json: not found" in _missing(html, "ablation")
     assert "sweep/sweep.json: not found" in _missing(html, "prompting")
     assert "no evaluation samples" in _missing(html, "calibration")
-    assert md.count("> **Missing:**") == 6
+    assert md.count("> **Missing:**") == 7  # every section, the at-a-glance one included
     assert html.count("<img") == 2  # the two training curves that exist
 
 
@@ -169,3 +174,34 @@ def test_table_formatting() -> None:
     assert 'title="stages.dpo.enabled is false"' in table.html()
     assert table.csv().splitlines()[1] == "Base,0.25,0.5,0.375,0.0,,,,,,,ok"
     assert Table(["x"], [["<b>"]]).html().count("&lt;b&gt;") == 1
+
+
+def test_at_a_glance_comes_first_with_intervals_and_significance(full_report) -> None:
+    import csv
+    import io
+
+    from hippocrates.report.glance import accuracy_ci
+
+    run, html, md = full_report
+    first = md.split("## ")[1]
+    assert first.startswith("At a glance") and "Accuracy (%) [exact 95% CI]" in first
+    ablation = json.loads((run / "ablation" / "ablation.json").read_text())
+    base = ablation["variants"][0]
+    lo, hi = accuracy_ci(round(base["acc"]["pubmedqa"] * 4), 4)
+    assert f"| Base | {100 * base['acc']['medqa']:.1f} [" in first
+    assert f"{100 * base['acc']['pubmedqa']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in first
+    last = ablation["variants"][-1]
+    diff = last["comparison"]["average"]
+    assert f"| {last['label']} |" in first and f"{100 * diff['difference']:+.1f} [" in first
+    assert (
+        "| 0-shot, loglik, hippocrates prompt |" in first
+        and "| GRPO | held-out generative accuracy |" in first
+    )
+    rows = list(csv.DictReader(io.StringIO((run / "report" / "at_a_glance.csv").read_text())))
+    ablation_rows = [r for r in rows if r["table"] == "ablation"]
+    assert len(ablation_rows) == len(ablation["variants"]) * (len(ablation["tasks"]) + 1)
+    assert (
+        float(next(r for r in ablation_rows if r["row"] == "Base" and r["task"] == "medqa")["value"])
+        == base["acc"]["medqa"]
+    )
+    assert html.index('<section id="glance">') < html.index('<section id="manifest">')

@@ -39,6 +39,8 @@ PROBE = """(async () => {
       .filter(u => !u.startsWith("data:") && !u.startsWith("#")),
     scripts: document.scripts.length,
     missing: document.querySelectorAll(".missing").length,
+    firstTables: document.querySelector("section").querySelectorAll("table").length,
+    firstText: document.querySelector("section h2").textContent,
     height: document.documentElement.scrollHeight,
   };
 })()"""
@@ -198,8 +200,17 @@ def test_report_renders_in_chromium(browser: Browser, tiny_run: Path, tmp_path: 
     page = browser.open(html_path.as_uri())
 
     assert page["title"] == "Hippocrates report: run"
-    assert page["sections"] == ["manifest", "training", "eval", "ablation", "prompting", "calibration"]
+    assert page["sections"] == [
+        "glance",
+        "manifest",
+        "training",
+        "eval",
+        "ablation",
+        "prompting",
+        "calibration",
+    ]
     assert page["tables"] >= 10
+    assert page["firstText"] == "At a glance" and page["firstTables"] >= 3  # results first
     # 4 training curves + (2 final-model shot counts + 6 ablation variants) x (reliability + density)
     assert page["images"] == 4 + 8 * 2
     assert page["broken"] == []

@@ -21,6 +21,7 @@ from hippocrates.errors import HippoError
 from hippocrates.eval.calibration import DEFAULT_BINS
 from hippocrates.progress import status
 from hippocrates.report import sections as sec
+from hippocrates.report.glance import glance_section
 
 SECTIONS: list[tuple[str, str, Callable[..., sec.Section]]] = [
     ("manifest", "Run manifest", sec.manifest_section),
@@ -86,7 +87,13 @@ def build_report(run_dir: Path, output_dir: Path | None = None, *, n_bins: int =
         raise HippoError(f"{run}: run directory not found")
     out = Path(output_dir) if output_dir is not None else run / "report"
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    built = []
+    status("report: at a glance")
+    try:
+        glance, glance_csv = glance_section(run)
+    except (HippoError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        glance, glance_csv = sec.Section("glance", "At a glance"), ""
+        glance.missing.append(f"could not build this section: {type(exc).__name__}: {exc}")
+    built = [glance]
     for sid, title, builder in SECTIONS:
         status(f"report: {title.lower()}")
         args = (run, n_bins) if sid == "calibration" else (run,)
@@ -95,6 +102,7 @@ def build_report(run_dir: Path, output_dir: Path | None = None, *, n_bins: int =
     for path, text in (
         (html_path, render_html(run, built, generated)),
         (md_path, render_markdown(run, built, generated)),
+        (out / "at_a_glance.csv", glance_csv),
     ):
         with atomic_file(path) as tmp:
             Path(tmp).write_text(text, encoding="utf-8")

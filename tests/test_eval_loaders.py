@@ -230,3 +230,20 @@ def test_every_named_column_is_checked_before_scoring(tmp_path):
             match=rf"column '{column}' \(\w+\) is not in the file \(its columns: question, options, answer\)",
         ):
             load_task(_task_yaml(tmp_path, body), data=str(tmp_path / "f.jsonl"))
+
+
+def test_a_seeded_sample_splits_one_file_into_disjoint_parts(tmp_path):
+    from hippocrates.config import Source
+    from hippocrates.data.sources import iter_conversations
+
+    dev = DEMO / "medmcqa" / "dev.jsonl"
+    (tmp_path / "held.yaml").write_text(
+        "task: held\nformat: medmcqa\nsample: {seed: 3, start: 10, count: 20}\n"
+    )
+    held = load_task(resolve_tasks([str(tmp_path / "held.yaml")])[0], data=str(dev))
+    train = [
+        m for _, m in iter_conversations(Source(path=str(dev), sample={"seed": 3, "start": 0, "count": 10}))
+    ]
+    assert len(held.items) == 20 and len(train) == 10 and held.filtered_out == 20
+    held_questions = {i.question for i in held.items}
+    assert not any(q in m[0]["content"] for m in train for q in held_questions)

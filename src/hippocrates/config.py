@@ -99,6 +99,11 @@ class Source(Strict):
         "for the conversation shapes {our field: your field}, e.g. {instruction: q, output: a}",
     )
     answer_format: Literal["auto", "letter", "index", "index1", "text"] = "auto"
+    sample: dict[str, int] | None = Field(
+        None,
+        description="benchmark sources: a seeded slice {seed, start, count} of the items (e.g. train on the first "
+        "1,000 of a shuffled file, evaluate on the next 1,000 with a task YAML holding the same seed)",
+    )
     prompt: Literal["instruction", "hippocrates", "letter"] = Field(
         "instruction",
         description="benchmark sources: an instruction with lettered options answered '(B) text.', or the "

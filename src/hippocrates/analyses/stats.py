@@ -143,6 +143,26 @@ def bootstrap_means(values: np.ndarray, resamples: int, rng: np.random.Generator
     return draws @ levels / len(values)
 
 
+def paired_ratio_interval(
+    num_a: Sequence[float],
+    den_a: Sequence[float],
+    num_b: Sequence[float],
+    den_b: Sequence[float],
+    *,
+    resamples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``sum(num_b)/sum(den_b) - sum(num_a)/sum(den_a)`` over paired
+    units (held-out blocks before and after a stage: summed NLL and token counts), units resampled."""
+    a_num, a_den, b_num, b_den = (np.asarray(x, dtype=np.float64) for x in (num_a, den_a, num_b, den_b))
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(a_num), np.full(len(a_num), 1 / len(a_num)), size=resamples)
+    diff = (draws @ b_num) / (draws @ b_den) - (draws @ a_num) / (draws @ a_den)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(diff, tail)), float(np.quantile(diff, 1 - tail))
+
+
 def task_rng(seed: int, task: str) -> np.random.Generator:
     """One generator per (seed, task): a task's interval is the same whichever tasks come with it."""
     return np.random.default_rng([seed, zlib.crc32(task.encode())])

@@ -15,6 +15,7 @@ earlier one (same id, or same question, options and passage) is read once and li
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,17 @@ class Columns(Strict):
     context: Column | None = Field(None, description="optional passage shown before the question")
 
 
+class Sample(Strict):
+    """Items ``start .. start + count`` after shuffling the file's items with ``Random(seed)``.
+
+    Two readers with the same seed and disjoint ranges never share an item, so one release file can
+    give a training split and an evaluation split (the split is recorded in every manifest)."""
+
+    seed: int = 0
+    start: int = Field(0, ge=0)
+    count: int | None = Field(None, gt=0)
+
+
 class Reader(Strict):
     """How to read one benchmark file: its format and, for ``mc``, its shape."""
 
@@ -76,6 +88,9 @@ class Reader(Strict):
     )
     drop_options: list[str] = Field(
         default_factory=list, description="filler options left out before scoring (case-insensitive), counted"
+    )
+    sample: Sample | None = Field(
+        None, description="a seeded slice of the items: train on one slice of a file, evaluate on another"
     )
 
 
@@ -533,6 +548,13 @@ def read_benchmark(reader: Reader, path: str | Path, *, prefix: str = "item", fm
         out.items.append(item)
     if reader.format == "pubmedqa" and reader.split != "all":
         _split_pubmedqa(reader, path, out)
+    if reader.sample is not None:
+        order = list(out.items)
+        random.Random(reader.sample.seed).shuffle(order)
+        end = None if reader.sample.count is None else reader.sample.start + reader.sample.count
+        kept = {id(item) for item in order[reader.sample.start : end]}
+        out.filtered_out += len(out.items) - len(kept)
+        out.items = [item for item in out.items if id(item) in kept]  # file order, as without a sample
     return out
 
 

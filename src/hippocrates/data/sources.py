@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from hippocrates.config import Source
-from hippocrates.data.benchmarks import Item, Read, Reader, Skip, detect_format, parser_for, read_benchmark
+from hippocrates.data.benchmarks import (
+    Item,
+    Read,
+    Reader,
+    Sample,
+    Skip,
+    detect_format,
+    parser_for,
+    read_benchmark,
+)
 from hippocrates.data.io import iter_csv, iter_jsonl, iter_lines, read_json, sha256_file
 from hippocrates.errors import HippoError
 from hippocrates.progress import status
@@ -224,7 +233,8 @@ def benchmark_reader(source: Source, fmt: str, *, hub: bool = False) -> Reader:
         return Reader(format="mc", columns=Columns(id="id", question="question", options=["opa", "opb", "opc", "opd"],
                                                    answer="cop"), answer_format="index")  # fmt: skip
     split = source.split if source.split in ("train", "test", "all") else "train"
-    return Reader(format=fmt, columns=columns, answer_format=source.answer_format, split=split)  # type: ignore[arg-type]
+    sample = Sample(**source.sample) if source.sample else None
+    return Reader(format=fmt, columns=columns, answer_format=source.answer_format, split=split, sample=sample)  # type: ignore[arg-type]
 
 
 def iter_conversations(

@@ -142,7 +142,9 @@ def load_task(
             pool, pool_is_eval = read.items, True
             pool_source = f"{path} (the other evaluation items: no training file beside it)"
         else:
-            pool_read = read_benchmark(spec, pool_path, prefix=f"{spec.task}-pool")
+            pool_read = read_benchmark(
+                spec.model_copy(update={"sample": None}), pool_path, prefix=f"{spec.task}-pool"
+            )
             _warn(spec.task, pool_read.skipped, f"few-shot record(s) in {pool_path.name}")
             pool, pool_is_eval, pool_source = pool_read.items, False, str(pool_path)
             _compare_option_counts(spec, read.items, pool, pool_path)

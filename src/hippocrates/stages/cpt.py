@@ -73,13 +73,10 @@ def streamed_rows(sources: list[Source], tokenizer, block: int, seed: int, stats
         yield as_row(ids)
 
 
-def perplexity(model, rows: list[dict[str, Any]], collator, batch_size: int, precision: str) -> float | None:
-    from hippocrates.stages.modeling import mean_nll
-
-    if not rows:
-        return None
-    nll, _ = mean_nll(model, rows, collator, batch_size, precision)
-    return math.exp(nll)
+def perplexity(by_row: list[tuple[float, int]]) -> float | None:
+    """exp of the token-weighted mean NLL over held-out blocks (None without any)."""
+    tokens = sum(n for _, n in by_row)
+    return math.exp(sum(nll for nll, _ in by_row) / tokens) if tokens else None
 
 
 def plan(recipe: Recipe, model: str, out_dir: Path) -> Step:
@@ -124,7 +121,13 @@ def run_cpt(
         report_to=report_to,
         callbacks=callbacks,
     )
-    from hippocrates.stages.modeling import GeneratorDataset, PackedCollator, SupervisedTokenTrainer
+    from hippocrates.stages.modeling import (
+        GeneratorDataset,
+        PackedCollator,
+        SupervisedTokenTrainer,
+        held_out_change,
+        nll_by_row,
+    )
 
     model, tokenizer = stage_run.load_for_training(run)
     block = cfg.train.max_seq_len
@@ -154,19 +157,28 @@ def run_cpt(
         data_collator=collator,
         callbacks=run.callbacks,
     )
-    batch = cfg.train.batch_size
-    ppl_before = perplexity(trainer.model, eval_rows, collator, batch, run.precision)
+    rows_before = nll_by_row(trainer.model, eval_rows, collator, run.precision)
+    ppl_before = perplexity(rows_before)
     if ppl_before is not None:
         status(f"cpt: held-out perplexity before training {ppl_before:.3f}")
     stage_run.train(run, trainer)
-    ppl_after = perplexity(trainer.model, eval_rows, collator, batch, run.precision)
+    rows_after = nll_by_row(trainer.model, eval_rows, collator, run.precision)
+    ppl_after = perplexity(rows_after)
+    change = held_out_change(rows_before, rows_after)
     if ppl_after is not None:
-        status(f"cpt: held-out perplexity after training {ppl_after:.3f}")
+        interval = (
+            f" (NLL change {change['nll_change']:+.4f} [{change['nll_change_ci_low']:+.4f}, "
+            f"{change['nll_change_ci_high']:+.4f}] over {change['rows']} blocks)"
+            if change
+            else ""
+        )
+        status(f"cpt: held-out perplexity after training {ppl_after:.3f}{interval}")
     summary = stage_run.train_summary(trainer)
     metrics = {
         **{k: v for k, v in summary.items() if k != "log_history"},
         "eval_perplexity_before": ppl_before,
         "eval_perplexity_after": ppl_after,
+        "eval_change": change or None,
         "eval_blocks": len(eval_rows),
         "documents": stats["documents"],
         "empty_documents_dropped": stats["empty_dropped"] + eval_stats["empty_dropped"],

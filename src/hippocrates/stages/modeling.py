@@ -91,6 +91,41 @@ def autocast_for(model: torch.nn.Module, precision: str):
 
 
 @torch.no_grad()
+def nll_by_row(
+    model: torch.nn.Module, rows: Sequence[dict[str, Any]], collator: PackedCollator, precision: str
+) -> list[tuple[float, int]]:
+    """(summed NLL, labelled tokens) of each row on its own: the units a held-out interval resamples."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for row in rows:
+            batch = {k: v.to(device) for k, v in collator([row]).items()}
+            with autocast_for(model, precision):
+                nll, tokens = labelled_nll(model, batch)
+            out.append((float(nll), int(tokens)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def held_out_change(before: list[tuple[float, int]], after: list[tuple[float, int]]) -> dict[str, Any]:
+    """The change of the held-out token-weighted mean NLL, with a paired bootstrap 95% CI over rows."""
+    from hippocrates.analyses.stats import paired_ratio_interval
+
+    pairs = [(b, a) for b, a in zip(before, after, strict=True) if b[1] > 0]
+    if len(pairs) < 2:
+        return {}
+    nll_b, tok_b = zip(*(p[0] for p in pairs), strict=True)
+    nll_a, tok_a = zip(*(p[1] for p in pairs), strict=True)
+    low, high = paired_ratio_interval(nll_b, tok_b, nll_a, tok_a)
+    change = sum(nll_a) / sum(tok_a) - sum(nll_b) / sum(tok_b)
+    return {"nll_change": change, "nll_change_ci_low": low, "nll_change_ci_high": high, "rows": len(pairs),
+            "significant": low > 0 or high < 0}  # fmt: skip
+
+
+@torch.no_grad()
 def mean_nll(
     model: torch.nn.Module,
     rows: Sequence[dict[str, Any]],

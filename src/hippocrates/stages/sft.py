@@ -99,6 +99,12 @@ def build_datasets(
     return make_rows(train, max_len, cfg.packing), make_rows(evals, max_len, True), train_stats, eval_stats
 
 
+def mean_of(by_row: list[tuple[float, int]]) -> float | None:
+    """The token-weighted mean NLL over held-out rows (None without any)."""
+    tokens = sum(n for _, n in by_row)
+    return sum(nll for nll, _ in by_row) / tokens if tokens else None
+
+
 def plan(recipe: Recipe, model: str, out_dir: Path) -> Step:
     """This stage's inputs: its config, the input model, every data file (see hippocrates.record)."""
     cfg = recipe.stages.sft
@@ -132,7 +138,12 @@ def run_sft(
         report_to=report_to,
         callbacks=callbacks,
     )
-    from hippocrates.stages.modeling import PackedCollator, SupervisedTokenTrainer, mean_nll
+    from hippocrates.stages.modeling import (
+        PackedCollator,
+        SupervisedTokenTrainer,
+        held_out_change,
+        nll_by_row,
+    )
 
     model, tokenizer = stage_run.load_for_training(run)
     fmt = chat.choose_format(tokenizer, cfg.template)
@@ -159,12 +170,19 @@ def run_sft(
         data_collator=collator,
         callbacks=run.callbacks,
     )
-    batch = cfg.train.batch_size
-    before = mean_nll(trainer.model, eval_rows, collator, batch, run.precision)[0] if eval_rows else None
+    rows_before = nll_by_row(trainer.model, eval_rows, collator, run.precision)
     stage_run.train(run, trainer)
-    after = mean_nll(trainer.model, eval_rows, collator, batch, run.precision)[0] if eval_rows else None
+    rows_after = nll_by_row(trainer.model, eval_rows, collator, run.precision)
+    before, after = mean_of(rows_before), mean_of(rows_after)
+    change = held_out_change(rows_before, rows_after)
     if before is not None:
-        status(f"sft: held-out response loss {before:.4f} -> {after:.4f}")
+        interval = (
+            f" (change {change['nll_change']:+.4f} [{change['nll_change_ci_low']:+.4f}, "
+            f"{change['nll_change_ci_high']:+.4f}] over {change['rows']} rows)"
+            if change
+            else ""
+        )
+        status(f"sft: held-out response loss {before:.4f} -> {after:.4f}{interval}")
     else:
         run.notes.append("no stages.sft.eval_data: held-out response loss not measured")
     summary = stage_run.train_summary(trainer)
@@ -173,6 +191,7 @@ def run_sft(
         **{k: v for k, v in summary.items() if k != "log_history"},
         "eval_loss_before": before,
         "eval_loss_after": after,
+        "eval_change": change or None,
         "template": fmt,
         "packing": cfg.packing,
         "assistant_turns": cfg.assistant_turns,

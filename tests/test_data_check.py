@@ -59,6 +59,7 @@ def benchmarks(root: Path) -> dict[str, Path]:
             }  # fmt: skip
         )
     )
+    (root / "test_ground_truth.json").write_text(json.dumps({"91234567": "yes"}))  # the official test PMIDs
     usmle = write_jsonl(
         root / "step_exams.jsonl",
         [
@@ -80,6 +81,9 @@ def test_eval_sets_are_read_as_hippo_eval_reads_them(tmp_path):
         ("Nerve of the diaphragm?", "Nerve of the diaphragm? Phrenic Vagus a b ")
     ]
     assert eval_items("pubmedqa", str(files["pubmedqa"]))[0][0] == "Does exercise reduce falls?"
+    (tmp_path / "test_ground_truth.json").write_text("{}")  # the test split is what eval scores: nothing here
+    assert eval_items("pubmedqa", str(files["pubmedqa"])) == []
+    assert len(eval_items("pubmedqa_all", str(files["pubmedqa"]))) == 1
     assert eval_items("usmle_step1", str(files["usmle_step1"]))[0][0] == "Which enzyme?"
 
 

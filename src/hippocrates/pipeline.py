@@ -227,8 +227,11 @@ class Pipeline:
         from hippocrates.eval.runner import recipe_eval_options
 
         cfg, ev = self.recipe.analyses.sweep, self.recipe.eval
+        from hippocrates.eval.registry import resolve_tasks
+
         tasks = cfg.tasks or ev.tasks
-        files = {t: p for t, p in ev.data.items() if t in tasks}
+        names = {spec.task for spec in resolve_tasks(tasks)}  # a task may be given as a YAML path
+        files = {t: p for t, p in ev.data.items() if t in names}
         precision = recipe_eval_options(self.recipe, 0, None, self.model)["precision"]
         data = run_sweep(
             self.model, tasks, files or None, cfg.prompts, cfg.chat_template, cfg.num_fewshot, self.out / "sweep",

@@ -122,7 +122,13 @@ class Ablation:
         if key == "base":
             self.models[key] = self.recipe.base_model
             return self.models[key]
-        stage, source, folder = trained_of(self.recipe)[key]
+        trained = trained_of(self.recipe)
+        if key == "sft_from_base" and trained["sft"][1] == "base":
+            self.models[key] = self.ensure(
+                "sft"
+            )  # without CPT the pipeline's SFT is already SFT from the base
+            return self.models[key]
+        stage, source, folder = trained[key]
         model = self.ensure(source)
         if key == "dpo" and not self.recipe.stages.dpo.data:
             self.ensure("annotate")

@@ -42,18 +42,32 @@ def normal(text: str) -> str:
 # ------------------------------------------------------------------------------------ evaluation sets
 
 
-def eval_items(task: str, path: str) -> list[tuple[str, str]]:
+def eval_specs(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's evaluation tasks by name (a task may be named by a YAML path)."""
+    from hippocrates.eval.registry import resolve_tasks
+
+    names = list(dict.fromkeys([*recipe.eval.tasks, *recipe.eval.data]))
+    specs = {}
+    for name in names:
+        try:
+            spec = resolve_tasks([name])[0]
+        except HippoError:
+            continue  # a data key whose task is named by a path in eval.tasks
+        specs[spec.task] = spec
+    return specs
+
+
+def eval_items(task: Any, path: str) -> list[tuple[str, str]]:
     """(question, question + options + passage) of each item of an evaluation set, read exactly as
-    ``hippo eval`` reads it (the task's reader; every record, whatever the task's split)."""
+    ``hippo eval`` reads it (the task's reader, split and sample)."""
     from hippocrates.data.benchmarks import read_benchmark
     from hippocrates.eval.registry import resolve_tasks
 
+    spec = resolve_tasks([task])[0] if isinstance(task, str) else task
     p = Path(path)
     if not p.is_file():
-        raise HippoError(f"eval.data.{task}: {p}: file not found")
-    spec = resolve_tasks([task])[0]
-    reader = spec.model_copy(update={"split": "all"}) if spec.format == "pubmedqa" else spec
-    read = read_benchmark(reader, p, prefix=task)
+        raise HippoError(f"eval.data.{spec.task}: {p}: file not found")
+    read = read_benchmark(spec, p, prefix=spec.task)
     return [(it.question, " ".join([it.question, *it.options, it.context or ""])) for it in read.items]
 
 
@@ -149,7 +163,11 @@ def count_tokens(tokenizer, texts: list[str]) -> int:
 
 def check_recipe(recipe: Recipe, tokenizer) -> dict[str, Any]:
     """Token counts per training source and contamination of every eval set by every source."""
-    evals = [EvalIndex(task, eval_items(task, path)) for task, path in sorted(recipe.eval.data.items())]
+    specs = eval_specs(recipe)
+    evals = [
+        EvalIndex(task, eval_items(specs.get(task, task), path))
+        for task, path in sorted(recipe.eval.data.items())
+    ]
     sources, overlap = [], []
     for stage, source, how in training_sources(recipe):
         hits = {e.name: (set(), set()) for e in evals}

@@ -76,15 +76,15 @@ def load_items(source: Source, stats: Counter | None = None) -> list[Item]:
 
 def refuse_evaluation_items(recipe: Recipe, items: list[Item], key: str) -> None:
     """GRPO never trains on evaluation items: any question of the recipe's eval sets is refused."""
-    from hippocrates.data.check import eval_items, normal
+    from hippocrates.data.check import eval_items, eval_specs, normal
 
     train = {normal(item.question): item.id for item in items}
+    specs = eval_specs(recipe)
     for task, path in sorted(recipe.eval.data.items()):
         if not Path(path).is_file():
             continue
-        clashes = [
-            train[normal(question)] for question, _ in eval_items(task, path) if normal(question) in train
-        ]
+        read = eval_items(specs.get(task, task), path)
+        clashes = [train[normal(question)] for question, _ in read if normal(question) in train]
         if clashes:
             raise HippoError(
                 f"{recipe.where(key)}: {len(clashes)} question(s) are also in the evaluation set eval.data.{task} "

@@ -244,6 +244,6 @@ def test_a_seeded_sample_splits_one_file_into_disjoint_parts(tmp_path):
     train = [
         m for _, m in iter_conversations(Source(path=str(dev), sample={"seed": 3, "start": 0, "count": 10}))
     ]
-    assert len(held.items) == 20 and len(train) == 10 and held.filtered_out == 20
+    assert len(held.items) == 20 and len(train) == 10 and held.outside_sample == 20 and held.filtered_out == 0
     held_questions = {i.question for i in held.items}
     assert not any(q in m[0]["content"] for m in train for q in held_questions)

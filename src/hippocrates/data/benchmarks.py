@@ -472,6 +472,7 @@ class Read:
     duplicates: list[tuple[str, str]] = field(default_factory=list)
     other: list[Item] = field(default_factory=list)  # pubmedqa test split: the items of the other half
     filtered_out: int = 0
+    outside_sample: int = 0  # usable items the reader's sample does not take
     dropped_options: int = 0
 
 
@@ -553,7 +554,7 @@ def read_benchmark(reader: Reader, path: str | Path, *, prefix: str = "item", fm
         random.Random(reader.sample.seed).shuffle(order)
         end = None if reader.sample.count is None else reader.sample.start + reader.sample.count
         kept = {id(item) for item in order[reader.sample.start : end]}
-        out.filtered_out += len(out.items) - len(kept)
+        out.outside_sample = len(out.items) - len(kept)
         out.items = [item for item in out.items if id(item) in kept]  # file order, as without a sample
     return out
 

@@ -42,6 +42,7 @@ class TaskData:
     pool_overlap: int = 0  # pool items that repeat an evaluation item, removed from the pool
     dropped_options: int = 0
     filtered_out: int = 0
+    outside_sample: int = 0
 
 
 def _fewshot_file(spec: TaskSpec, path: Path, explicit: str | None) -> Path | None:
@@ -117,6 +118,11 @@ def _report(spec: TaskSpec, read: Read) -> None:
         )
     if read.filtered_out:
         status(f"{spec.task}: {read.filtered_out} record(s) left out by the task's filter")
+    if read.outside_sample and spec.sample is not None:
+        status(
+            f"{spec.task}: {len(read.items)} item(s) of the sample (seed {spec.sample.seed}, from item "
+            f"{spec.sample.start}); {read.outside_sample} other usable item(s) of the file not scored"
+        )
 
 
 def load_task(
@@ -160,7 +166,7 @@ def load_task(
         pool = kept
     return TaskData(
         spec, read.items, pool, pool_is_eval, str(path), sha256_file(path), pool_source, read.skipped,
-        read.duplicates, overlap, read.dropped_options, read.filtered_out,
+        read.duplicates, overlap, read.dropped_options, read.filtered_out, read.outside_sample,
     )  # fmt: skip
 
 

@@ -20,6 +20,9 @@ OPTIONS = ["Iron deficiency", "Vitamin B12 deficiency", "Thalassemia trait", "An
         ("The answer is C since the electrophoresis shows HbA2 raised.", 2, "answer-line"),
         ("Answer: Thalassemia trait", 2, "answer-line"),
         ("Answer: A\nWait, reconsidering.\nAnswer: B", 1, "answer-line"),  # the last answer line counts
+        ("Low MCV.\nThe correct answer is:\nC. Thalassemia trait", 2, "answer-line"),  # a lead-in line
+        ("**Final answer:**\n\n(B)", 1, "answer-line"),
+        ("Answer:\nD, because ferritin is high", 3, "answer-line"),
         ("C", 2, "lone-letter"),
         ("(d).", 3, "lone-letter"),
         ("It is most likely thalassemia trait given the Mentzer index.", 2, "option-text"),
@@ -41,6 +44,8 @@ def test_parsed(response, index, rule):
         ("Either iron deficiency or thalassemia trait.", "several options"),
         ("Answer: none of these", "names no option"),
         ("E", "not one of the options"),
+        ("Let me think.\nThe answer is:", "nothing follows the answer line"),
+        ("The answer is:\nunclear from the data", "names no option"),
     ],
 )
 def test_unparsed(response, reason):
@@ -64,3 +69,16 @@ def test_the_question_as_asked():
     assert mc == f"Question: Which?\nA. a\nB. b\n\n{ANSWER_INSTRUCTION}"
     yn = ask(Item("2", "Does it?", ["yes", "no", "maybe"], 1, context="An abstract."))
     assert yn.startswith("Abstract: An abstract.\nQuestion: Does it?\n\n") and "one of: yes, no, maybe" in yn
+
+
+def test_the_gold_answer_line_reads_back_as_the_gold():
+    from hippocrates.data.benchmarks import Item
+    from hippocrates.eval.extract import answer_line, is_lettered
+
+    for item in (
+        Item("1", "Which?", OPTIONS, 2),
+        Item("2", "Does it?", ["yes", "no", "maybe"], 2, context="An abstract."),
+    ):
+        line = answer_line(item)
+        assert extract(line, item.options, lettered=is_lettered(item)).index == item.gold
+    assert answer_line(Item("1", "Which?", OPTIONS, 2)) == "Answer: C"

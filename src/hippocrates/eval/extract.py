@@ -7,7 +7,9 @@ tried in order, on a response to a question with lettered options:
 1. **answer line**: the last line that states the answer (``Answer: C``, ``answer: (c)``,
    ``**Final answer:** C.``, ``The answer is C because ...``). The letter must name one of the
    options; two different letters there (``Answer: B or C``) is ambiguous. A stated answer that is
-   the text of exactly one option (``Answer: Vitamin C deficiency``) counts as that option.
+   the text of exactly one option (``Answer: Vitamin C deficiency``) counts as that option. A line
+   that only introduces the answer (``The correct answer is:``, ``Answer:``) states the next
+   non-empty line (``C. Choledocholithiasis``).
 2. **lone letter**: the whole response is one letter, maybe bracketed or followed by a dot.
 3. **option text**: the response names exactly one option's text (whole words, any case).
 
@@ -36,6 +38,9 @@ _ANSWER = re.compile(
     r"(?:final\s+answer|correct\s+answer|the\s+answer|answer)\s*(?:is|would\s+be|:|-|=)\s*(.+)", re.IGNORECASE
 )
 _MARKUP = re.compile(r"[*_`#>]+")
+_LEAD_IN = re.compile(
+    r"^\W*(?:(?:the\s+)?(?:final\s+|correct\s+)?answer)\s*(?:is|would\s+be)?\s*[:\-=]?\W*$", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,12 @@ def ask(item: Item) -> str:
     context = f"{item.context}\n" if item.context else ""
     listed = "".join(f"{LETTERS[i]}. {option}\n" for i, option in enumerate(item.options))
     return f"{context}Question: {item.question}\n{listed}\n{ANSWER_INSTRUCTION}"
+
+
+def answer_line(item: Item) -> str:
+    """The gold answer as a model is asked to end with it (``Answer: C``, ``Answer: yes``): the
+    assistant turn of a generative few-shot exemplar. :func:`extract` reads it back as the gold."""
+    return f"Answer: {LETTERS[item.gold] if is_lettered(item) else item.options[item.gold]}"
 
 
 def _norm(text: str) -> str:
@@ -134,13 +145,21 @@ def extract(response: str, options: list[str], *, lettered: bool = True) -> Extr
     text = (response or "").strip()
     if not text:
         return Extraction(None, None, "empty response")
-    for line in reversed(text.splitlines()):
-        matches = list(_ANSWER.finditer(_MARKUP.sub("", line)))
-        if matches:
-            stated = _stated(matches[-1].group(1), options, lettered)
+    lines = text.splitlines()
+    for number in range(len(lines) - 1, -1, -1):
+        line = _MARKUP.sub("", lines[number])
+        matches = list(_ANSWER.finditer(line))
+        if matches or _LEAD_IN.match(line):
+            statement = matches[-1].group(1) if matches else ""
+            if not re.sub(r"\W+", "", statement):  # a lead-in: the answer is on the next non-empty line
+                after = [x for x in lines[number + 1 :] if x.strip()]
+                if not after:
+                    return Extraction(None, None, f"nothing follows the answer line {line.strip()[:80]!r}")
+                statement = after[0]
+            stated = _stated(statement, options, lettered)
             if stated is not None:
                 return stated
-            return Extraction(None, None, f"the answer line names no option: {line.strip()[:80]!r}")
+            return Extraction(None, None, f"the answer line names no option: {lines[number].strip()[:80]!r}")
     bare = _MARKUP.sub("", text).strip().rstrip(".")
     if lettered:
         lone = re.fullmatch(r"\(?([A-Za-z])\)?", bare)

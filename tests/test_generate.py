@@ -423,3 +423,19 @@ def test_a_base_model_is_asked_in_the_alpaca_format(tiny_sp_llama_dir, tmp_path,
     assert "generate (alpaca format, 1 sample, greedy, up to 3 new tokens)" in out and "unparsed" in out
     row = json.loads((tmp_path / "samples_medqa.jsonl").read_text().splitlines()[0])
     assert row["prompt"].startswith(chat.ALPACA_PREAMBLE) and row["generated_tokens"] <= 3
+
+
+def test_the_throughput_benchmark_runs(chatty_llama_dir, tmp_path, capsys):
+    """benchmarks/generate_throughput.py in a tiny configuration, so that it cannot rot."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generate_throughput.py"
+    spec = importlib.util.spec_from_file_location("generate_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--model", str(chatty_llama_dir), "--data", str(DEMO / "medqa" / "US_4_options_test.jsonl"), "--n", "5",
+            "--max-new-tokens", "6", "--batch-size", "2", "--chunk", "3", "--json", str(tmp_path / "out.json")]  # fmt: skip
+    assert bench.main(args) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["identical_outputs"] == "5/5" and report["max_abs_logprob_diff"] < 1e-3
+    assert report["n"] == 5 and report["ratio_wall"] > 0 and 0 < report["ours_prefill_s"] <= report["ours_s"]

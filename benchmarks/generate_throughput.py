@@ -34,21 +34,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def prompts_of(lm, data: Path, n: int) -> list[list[int]]:
-    """The token rows ``hippo eval --mode generate`` would decode for the first ``n`` items."""
+def prompts_of(lm, data: Path, n: int, chat_template: bool | None) -> tuple[list[list[int]], str]:
+    """The token rows ``hippo eval --mode generate`` would decode for the first ``n`` items, and their format."""
     from hippocrates import chat
     from hippocrates.eval.generate import conversation, template_format
     from hippocrates.eval.runner import load_tasks
 
     items = load_tasks("medqa", data={"medqa": str(data)})[0].items[:n]
-    fmt = template_format(lm.tokenizer, None)
+    fmt = template_format(lm.tokenizer, chat_template)
     special = chat.adds_special_tokens(fmt)
-    return [
+    rows = [
         lm.tokenizer(chat.render(lm.tokenizer, conversation(item, []), fmt), add_special_tokens=special)[
             "input_ids"
         ]
         for item in items
     ]
+    return rows, fmt
 
 
 def reference(lm, rows: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], float]]:
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="our rows decoded together")
     parser.add_argument("--chunk", type=int, default=32, help="items per interleaved chunk")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="as hippo eval --mode generate: default the model's chat template when it has one, else Alpaca",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = LoadedModel.load(args.model, args.precision)
-    rows = prompts_of(lm, args.data, args.n)
+    rows, fmt = prompts_of(lm, args.data, args.n, args.chat_template)
     ours(lm, rows[:1], 2, 1, [0.0])  # warm-up, untimed
     reference(lm, rows[:1], 2)
     totals = {"ours_s": 0.0, "ours_cpu_s": 0.0, "reference_s": 0.0, "reference_cpu_s": 0.0}
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "format": fmt,
         "mean_prompt_tokens": round(sum(map(len, rows)) / len(rows), 1),
         "mean_generated_tokens": round(sum(s.tokens for s in mine) / len(mine), 1),
         "hit_budget": sum(s.finish == "length" for s in mine),

@@ -309,17 +309,46 @@ def generate_hf(
     ]
 
 
+def _config_only(path: str) -> Any:
+    """A stand-in for a model that is not loaded: its generation config (for the end-of-sequence ids)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
+    except OSError:
+        return None
+
+
+@functools.cache
+def _vllm_engine(path: str, precision: str) -> Any:
+    """One vLLM engine per model and precision for the whole process (every task and sweep row),
+    sized to the GPU memory still free (a model loaded by the loglik rows of a sweep keeps its share)."""
+    import torch
+    from vllm import LLM
+
+    free, total = torch.cuda.mem_get_info()
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(precision, "auto")
+    return LLM(model=path, dtype=dtype, gpu_memory_utilization=round(min(0.9, 0.9 * free / total), 3))
+
+
 def generate_vllm(
     lm: Any, rows: list[list[int]], seeds: list[int], *, max_new_tokens: int, temperature: float
 ) -> list[Sample]:
     """The same rows through vLLM (GPU): our token ids, per-row seeds, summed log-probabilities."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(lm.precision, "auto")
-    llm = LLM(model=lm.path, dtype=dtype)
-    stop = stop_ids(lm.model, lm.tokenizer)
+    llm = _vllm_engine(lm.path, lm.precision)
+    stop = stop_ids(lm.model if lm.model is not None else _config_only(lm.path), lm.tokenizer)
     params = [
-        SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0)
+        SamplingParams(
+            temperature=temperature,
+            max_tokens=max_new_tokens,
+            seed=seed,
+            logprobs=0,
+            stop_token_ids=sorted(stop),
+        )  # fmt: skip
         for seed in seeds
     ]
     found = []

@@ -8,8 +8,9 @@ whose assistant turn is only the gold :func:`~hippocrates.eval.extract.answer_li
 
 Generation (``backend="hf"``) is batched: prompts are sorted by length, left-padded and decoded
 together with a key/value cache; a row leaves the batch as soon as it emits an end-of-sequence
-token or reaches ``max_new_tokens`` (the thinking budget), so short answers do not wait for long
-ones. Greedy decoding takes the argmax; with ``temperature > 0`` every sample draws from its own
+token or reaches ``max_new_tokens`` (the thinking budget), and the next waiting prompt is
+prefilled and joins the batch (continuous batching), so short answers never wait for long ones
+and the batch stays full. Greedy decoding takes the argmax; with ``temperature > 0`` every sample draws from its own
 generator seeded by (seed, item id, sample number), so a sample does not depend on which other
 rows share its batch. Each sample's log-probability is the sum of the model's own (temperature 1)
 log-probabilities of its tokens, the end-of-sequence token included when it stopped.

@@ -23,6 +23,24 @@ OPTIONS = ["Iron deficiency", "Vitamin B12 deficiency", "Thalassemia trait", "An
         ("Low MCV.\nThe correct answer is:\nC. Thalassemia trait", 2, "answer-line"),  # a lead-in line
         ("**Final answer:**\n\n(B)", 1, "answer-line"),
         ("Answer:\nD, because ferritin is high", 3, "answer-line"),
+        ("A. Iron deficiency\nB. Vitamin B12 deficiency\n\nThe correct answer is: C.", 2, "answer-line"),
+        (
+            "D. Anemia of chronic disease\n\nThe correct answer is: D. Anemia of chronic disease",
+            3,
+            "answer-line",
+        ),
+        (
+            "C. Thalassaemia minor, given the Mentzer index",
+            2,
+            "option-line",
+        ),  # the letter, though the text differs
+        ("(B) B12 deficiency", 1, "option-line"),
+        ("Answer: C (Thalassemia trait)", 2, "answer-line"),  # the letter and its text agree
+        (
+            "B. Vitamin B12 deficiency\n\nThe correct answer is:",
+            1,
+            "option-line",
+        ),  # an empty lead-in states nothing
         ("C", 2, "lone-letter"),
         ("(d).", 3, "lone-letter"),
         ("It is most likely thalassemia trait given the Mentzer index.", 2, "option-text"),
@@ -44,7 +62,11 @@ def test_parsed(response, index, rule):
         ("Either iron deficiency or thalassemia trait.", "several options"),
         ("Answer: none of these", "names no option"),
         ("E", "not one of the options"),
-        ("Let me think.\nThe answer is:", "nothing follows the answer line"),
+        ("Let me think.\nThe answer is:", "no answer line, letter or option text found"),
+        ("C. Iron deficiency", "letter C with the text of option A"),  # the letter and the text disagree
+        ("Reasoning.\nAnswer: B. Anemia of chronic disease", "letter B with the text of option D"),
+        ("A. Iron deficiency\nB. Vitamin B12 deficiency\nC. Thalassemia trait", "several options"),  # a list
+        ("A. Iron\n\nQuestion: Which next?\nA. Iron\nB. Folate", "several options"),  # a new question follows
         ("The answer is:\nunclear from the data", "names no option"),
     ],
 )

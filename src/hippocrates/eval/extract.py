@@ -5,13 +5,20 @@ Models are asked to reason and then end with ``Answer: X`` (:data:`ANSWER_INSTRU
 tried in order, on a response to a question with lettered options:
 
 1. **answer line**: the last line that states the answer (``Answer: C``, ``answer: (c)``,
-   ``**Final answer:** C.``, ``The answer is C because ...``). The letter must name one of the
-   options; two different letters there (``Answer: B or C``) is ambiguous. A stated answer that is
-   the text of exactly one option (``Answer: Vitamin C deficiency``) counts as that option. A line
-   that only introduces the answer (``The correct answer is:``, ``Answer:``) states the next
-   non-empty line (``C. Choledocholithiasis``).
+   ``**Final answer:** C.``, ``The answer is C because ...``, ``The correct answer is: C.``). The
+   letter must name one of the options; two different letters there (``Answer: B or C``) is
+   ambiguous. A stated answer that is the text of exactly one option (``Answer: Vitamin C
+   deficiency``) counts as that option. A line that only introduces the answer (``The correct
+   answer is:``, ``Answer:``) states the next non-empty line (``C. Choledocholithiasis``); with
+   nothing after it, it states nothing and the rules below apply.
 2. **lone letter**: the whole response is one letter, maybe bracketed or followed by a dot.
-3. **option text**: the response names exactly one option's text (whole words, any case).
+3. **option line**: exactly one option letter starts a line the way options are listed
+   (``C. Adenocarcinoma of the colon``, ``(C) ...``, ``C) ...``); a response that lists several
+   options (``A. ...`` then ``B. ...``) names none.
+
+A letter followed by the text of *another* option (``C. Pyruvate kinase`` when pyruvate kinase is
+option D), on an answer line or an option line, contradicts itself and is unparsed.
+4. **option text**: the response names exactly one option's text (whole words, any case).
 
 For fixed answer words (PubMedQA's yes/no/maybe) the answer line and the lone word are matched
 against the words instead of letters. Anything else is *unparsed*: scored wrong, counted and listed,
@@ -35,8 +42,10 @@ WORDS_INSTRUCTION = (
     'in the form "Answer: X", where X is one of: {choices}.'
 )
 _ANSWER = re.compile(
-    r"(?:final\s+answer|correct\s+answer|the\s+answer|answer)\s*(?:is|would\s+be|:|-|=)\s*(.+)", re.IGNORECASE
+    r"(?:final\s+answer|correct\s+answer|the\s+answer|answer)\s*(?:(?:is|would\s+be)\s*[:=-]?|[:=-])\s*(.+)",
+    re.IGNORECASE,
 )
+_OPTION_LINE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.)])\s+(\S.*)$", re.MULTILINE)
 _MARKUP = re.compile(r"[*_`#>]+")
 _LEAD_IN = re.compile(
     r"^\W*(?:(?:the\s+)?(?:final\s+|correct\s+)?answer)\s*(?:is|would\s+be)?\s*[:\-=]?\W*$", re.IGNORECASE
@@ -107,6 +116,15 @@ def _option_text(text: str, options: list[str]) -> int | None | str:
     return "ambiguous" if hits else None
 
 
+def _letter_with_text(index: int, text: str, options: list[str], rule: str) -> Extraction:
+    """A letter and the text written after it (``C. Pyruvate kinase``): the letter, unless that text
+    is another option's, when the response contradicts itself."""
+    named = _option_text(text, options)
+    if isinstance(named, int) and named != index:
+        return Extraction(None, None, f"letter {LETTERS[index]} with the text of option {LETTERS[named]}")
+    return Extraction(index, rule)
+
+
 def _stated(answer: str, options: list[str], lettered: bool) -> Extraction | None:
     """What an answer line states: a letter, an answer word, or an option's text."""
     cleaned = _MARKUP.sub("", answer).strip()
@@ -128,7 +146,7 @@ def _stated(answer: str, options: list[str], lettered: bool) -> Extraction | Non
                 return Extraction(
                     None, None, f"letter {letter} is not one of the options A-{LETTERS[len(options) - 1]}"
                 )
-            return Extraction(index, "answer-line")
+            return _letter_with_text(index, rest, options, "answer-line")
     else:
         word = re.match(r"^\W*([A-Za-z]+)", cleaned)
         folded = [o.lower() for o in options]
@@ -154,7 +172,7 @@ def extract(response: str, options: list[str], *, lettered: bool = True) -> Extr
             if not re.sub(r"\W+", "", statement):  # a lead-in: the answer is on the next non-empty line
                 after = [x for x in lines[number + 1 :] if x.strip()]
                 if not after:
-                    return Extraction(None, None, f"nothing follows the answer line {line.strip()[:80]!r}")
+                    continue  # it states nothing
                 statement = after[0]
             stated = _stated(statement, options, lettered)
             if stated is not None:
@@ -168,6 +186,14 @@ def extract(response: str, options: list[str], *, lettered: bool = True) -> Extr
             if index < len(options):
                 return Extraction(index, "lone-letter")
             return Extraction(None, None, f"letter {lone.group(1).upper()} is not one of the options")
+        listed = [(a or b, rest) for a, b, rest in _OPTION_LINE.findall(_MARKUP.sub("", text))]
+        letters = {letter for letter, _ in listed}
+        if len(letters) > 1:
+            return Extraction(None, None, "the response names several options")
+        if letters and LETTERS.index(listed[0][0]) < len(options):
+            return _letter_with_text(
+                LETTERS.index(listed[0][0]), " ".join(r for _, r in listed), options, "option-line"
+            )
     else:
         folded = [o.lower() for o in options]
         if bare.lower() in folded:

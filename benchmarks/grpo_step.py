@@ -81,7 +81,9 @@ def recipe_for(args: argparse.Namespace, out: Path):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps (the first is warm-up)")
     parser.add_argument("--batch", type=int, default=8, help="completions per step")

@@ -20,6 +20,8 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -287,17 +289,28 @@ def renamed_prompt(value: Any) -> Any:
 
 PromptName = Annotated[Literal["hippocrates", "letter", "stepwise"], BeforeValidator(renamed_prompt)]
 Protocol = Literal["v0.4", "v0.3"]
+EvalMode = Literal["loglik", "generate"]
 
 
 class EvalSettings(Strict):
-    """Evaluation protocol: tasks, local files, shots and prompt strategy."""
+    """Evaluation protocol: tasks, local files, shots, and the prompt strategy (loglik) or the
+    generation settings (generate)."""
 
     enabled: bool = True
     tasks: list[str] = Field(default_factory=lambda: ["medqa", "medmcqa", "pubmedqa"])
     data: dict[str, str] = Field(default_factory=dict, description="task -> local file")
     num_fewshot: Shots = Field(default_factory=lambda: [0])
-    prompt: PromptName = "hippocrates"
-    chat_template: bool = False
+    mode: EvalMode = Field(
+        "loglik",
+        description="loglik: score every option by log-likelihood; generate: the model answers and its "
+        "'Answer: X' is read back",
+    )
+    prompt: PromptName = Field("hippocrates", description="loglik prompt strategy")
+    chat_template: bool | None = Field(
+        None,
+        description="wrap prompts in the model's chat template; unset: off for loglik, and for generate on "
+        "when the model has one (else the Alpaca format)",
+    )
     protocol: Protocol = Field(
         "v0.4",
         description="v0.4: lm-eval 0.4's prompt assembly and encoding; v0.3: the paper's harness exactly",
@@ -309,6 +322,19 @@ class EvalSettings(Strict):
         description="auto: the recipe's precision, but fp32 for a model whose bf16 weights keep less than 95% "
         "of its last stage's effect on the logits (its merge record)",
     )
+    max_new_tokens: int = Field(256, gt=0, description="generate: the thinking budget, new tokens per answer")
+    temperature: float = Field(0.0, ge=0.0, description="generate: 0 is greedy; samples > 1 need > 0")
+    samples: int = Field(1, ge=1, description="generate: answers per item; more than 1 is a majority vote")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="generate: hf (batched) or vllm (GPU, installed)"
+    )
+
+    @field_validator("samples")
+    @classmethod
+    def _samples_need_temperature(cls, samples: int, info: ValidationInfo) -> int:
+        if samples > 1 and info.data.get("temperature") == 0:
+            raise ValueError(f"{samples} samples need temperature > 0 (greedy samples would all be the same)")
+        return samples
 
 
 class AblationSettings(Strict):
@@ -330,6 +356,12 @@ class SweepSettings(Strict):
     chat_template: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
     num_fewshot: Shots = Field(default_factory=lambda: [0, 5], min_length=1)
     limit: int | None = Field(None, gt=0, description="first N items per task (default eval.limit)")
+    modes: list[EvalMode] = Field(
+        default_factory=lambda: ["loglik"], min_length=1, description="loglik rows, generate rows, or both"
+    )
+    max_new_tokens: list[Annotated[int, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="generate rows: the thinking budgets (default [eval.max_new_tokens])"
+    )
 
 
 class AnalysesSettings(Strict):

@@ -82,14 +82,18 @@ def eval_results(found: list[tuple[int, dict[str, Any]]]):
             spec = registry.get(task)
             dataset = spec.hf.path if spec and spec.hf else task
             name = spec.describe() if spec else task
+            how = (
+                f"generative, up to {results.get('max_new_tokens')} new tokens, {m.get('unparsed')} unparsed"
+                if results.get("mode") == "generate"
+                else f"prompt {results.get('prompt')}, protocol {results.get('protocol', 'v0.4')}"
+            )
             for metric in ("acc", "acc_norm"):
                 if isinstance(m.get(metric), float):
                     out.append(EvalResult(
                         task_type="multiple-choice", dataset_type=dataset, dataset_name=name,
                         dataset_split=spec.hf.split if spec and spec.hf else None, metric_type="accuracy",
                         metric_value=round(m[metric], 4),
-                        metric_name=f"{metric} ({shots}-shot, prompt {results.get('prompt')}, protocol "
-                        f"{results.get('protocol', 'v0.4')}, n={m.get('n')})",
+                        metric_name=f"{metric} ({shots}-shot, {how}, n={m.get('n')})",
                     ))  # fmt: skip
     return out
 

@@ -18,7 +18,8 @@ def scalars_of(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric per-task metrics of a results.json as ``task/metric`` scalars."""
     out: dict[str, float] = {}
     for task, metrics in (results.get("tasks") or {}).items():
-        for key in ("acc", "acc_norm", "acc_stderr", "ece", "brier", "n", "skipped", "duplicates"):
+        for key in ("acc", "acc_norm", "acc_stderr", "ece", "brier", "n", "skipped", "duplicates", "unparsed_rate",
+                    "mean_generated_tokens"):  # fmt: skip
             value = metrics.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 out[f"{prefix}{task}/{key}"] = float(value)

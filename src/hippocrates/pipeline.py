@@ -222,7 +222,7 @@ class Pipeline:
         return Row("ablate", state, detail=detail, output=str(self.out / "ablation"))
 
     def run_sweep(self) -> Row:
-        """Prompt x chat template x shots on the final model, into OUTPUT/sweep/."""
+        """Mode x prompt (loglik) or budget (generate) x chat template x shots on the final model, into OUTPUT/sweep/."""
         from hippocrates.analyses.sweep import run_sweep
         from hippocrates.eval.runner import recipe_eval_options
 
@@ -237,6 +237,8 @@ class Pipeline:
             self.model, tasks, files or None, cfg.prompts, cfg.chat_template, cfg.num_fewshot, self.out / "sweep",
             limit=cfg.limit or ev.limit, batch_size=ev.batch_size, precision=precision,
             protocol=ev.protocol, trust_remote_code=self.recipe.trust_remote_code, force="sweep" in self.forced,
+            modes=cfg.modes, budgets=cfg.max_new_tokens or [ev.max_new_tokens], samples=ev.samples,
+            temperature=ev.temperature, backend=ev.backend,
         )  # fmt: skip
         rows = data.get("rows", [])
         best = max(
@@ -244,14 +246,11 @@ class Pipeline:
         )
         detail = f"{len(rows)} combinations"
         if best:
-            chat = "chat" if best["chat_template"] else "plain"
-            detail += f"; best {best['prompt']}-{chat} {best['num_fewshot']}-shot {best['average']:.3f}"
+            detail += f"; best {best['name']} {best['average']:.3f}"
         state = "ran" if data.get("evaluated") else "skipped: unchanged"
         if state == "ran":
             averages = {
-                f"sweep/{r['prompt']}-{'chat' if r['chat_template'] else 'plain'}-{r['num_fewshot']}shot/average": r[
-                    "average"
-                ]
+                f"sweep/{r['name']}/average": r["average"]
                 for r in rows
                 if isinstance(r.get("average"), float)
             }

@@ -257,7 +257,8 @@ def run_ablation(
     ablation = Ablation(recipe, k, limit or recipe.eval.limit, force_eval)
     data: dict[str, Any] = {
         "recipe": recipe.name, "base_model": recipe.base_model, "num_fewshot": k, "tasks": list(recipe.eval.tasks),
-        "prompt": recipe.eval.prompt, "chat_template": recipe.eval.chat_template, "protocol": recipe.eval.protocol,
+        "prompt": recipe.eval.prompt, "protocol": recipe.eval.protocol, "mode": recipe.eval.mode,
+        "chat_template": recipe.eval.chat_template if recipe.eval.mode == "generate" else bool(recipe.eval.chat_template),
         "limit": ablation.limit, "variants": [],
     }  # fmt: skip
     for variant in rows:

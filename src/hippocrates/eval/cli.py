@@ -1,4 +1,4 @@
-"""``hippo eval``: log-likelihood evaluation on MedQA, MedMCQA, PubMedQA and USMLE (or any MC file)."""
+"""``hippo eval``: log-likelihood or generative evaluation on MedQA, MedMCQA, PubMedQA and USMLE (or any MC file)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from typing import Any
 
 from hippocrates.config import renamed_prompt
 from hippocrates.errors import HippoError
+from hippocrates.eval.generate import BACKENDS, DEFAULT_MAX_NEW_TOKENS, MODES
 from hippocrates.eval.prompts import DEFAULT_SEED, PROTOCOLS, STRATEGIES
 
 EXAMPLES = """examples:
   hippo eval --model smollm2-135m --tasks medqa --data medqa=data/demo/benchmarks/medqa/US_4_options_test.jsonl
   hippo eval --model smollm2-135m --tasks medqa,medmcqa,pubmedqa,usmle_step1 --data-dir ../shared/data --num-fewshot 5
   hippo eval --model M --tasks my_task.yaml --data my_task=quiz.csv    # a task YAML of your own
+  hippo eval --model smollm2-135m --tasks medqa --data-dir ../shared/data --mode generate --max-new-tokens 256
+  hippo eval ... --mode generate --samples 5 --temperature 0.7          # self-consistency (majority vote)
   hippo eval --list-tasks
   hippo eval --sweep --tasks medqa --data-dir ../shared/data --limit 50 --output runs/sweep   # prompts x chat x shots
+  hippo eval --sweep --modes loglik,generate --budgets 64,256 --shots 0 --tasks medqa --data-dir ../shared/data --output runs/sweep
   hippo eval --tasks medqa --data-dir ../shared/data --export-lm-eval lm_eval_tasks/   # same protocol in lm-eval
 """
 
@@ -55,11 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-fewshot", type=int, default=0, metavar="K", help="exemplars per prompt (default 0)"
     )
     parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="loglik",
+        help="loglik: score every option by log-likelihood (default); generate: the model answers in its own "
+        "words, ending with 'Answer: X', which is read back (docs/evaluation.md)",
+    )
+    parser.add_argument(
         "--prompt",
         type=renamed_prompt,
         choices=STRATEGIES,
-        default="hippocrates",
-        help="prompt strategy: hippocrates (the paper's), letter (today's lm-eval), stepwise "
+        default=None,
+        help="loglik prompt strategy: hippocrates (the paper's, default), letter (today's lm-eval), stepwise "
         "(adds a step-by-step instruction; still scored by log-likelihood)",
     )
     parser.add_argument(
@@ -70,10 +81,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(documents shuffled with seed 42, shots drawn from that generator, separate encoding, no BOS)",
     )
     parser.add_argument(
-        "--chat-template", action="store_true", help="wrap the prompt in the model's chat template"
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the prompt in the model's chat template (default: off for loglik; for generate, on when "
+        "the model has one, else the Alpaca format)",
     )
     parser.add_argument("--limit", type=int, help="first N items of each task, in file order")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="questions per forward pass; generate: answers decoded together",
+    )
     parser.add_argument("--output", metavar="DIR", help="write DIR/results.json and DIR/samples_TASK.jsonl")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
     parser.add_argument(
@@ -95,8 +115,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--export-lm-eval", metavar="DIR", help="write lm-eval task YAMLs for this protocol and exit"
     )
+    gen = parser.add_argument_group("generative evaluation (--mode generate)")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
+        help=f"thinking budget: new tokens per answer (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    gen.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="K",
+        help="answers per item; K > 1: majority vote (default 1)",
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="0: greedy (default); > 0 for --samples K > 1",
+    )
+    gen.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="hf",
+        help="hf (batched, default) or vllm (GPU, when installed)",
+    )
     sweep = parser.add_argument_group(
-        "prompting sweep", "--sweep evaluates every prompt x chat option x shot count into one table"
+        "prompting sweep",
+        "--sweep evaluates every mode x prompt x chat option x shot count (x budget) into one table",
     )
     sweep.add_argument("--sweep", action="store_true", help="run the sweep (needs --output)")
     sweep.add_argument(
@@ -107,11 +156,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sweep.add_argument("--shots", default="0,5", help="sweep shot counts (default 0,5)")
     sweep.add_argument(
+        "--modes", default="loglik", help="sweep modes: loglik, generate or loglik,generate (default loglik)"
+    )
+    sweep.add_argument(
+        "--budgets", metavar="N,N", help="generate rows: --max-new-tokens values (default: --max-new-tokens)"
+    )
+    sweep.add_argument(
         "--baseline",
         metavar="NAME",
         help="the combination the others are compared with, as <prompt>-<chat|plain>-<K>shot "
-        "(default: the first)",
+        "or generate-<N>tok-<chat|plain>-<K>shot (default: the first)",
     )
+
+
+def _integers(value: str, flag: str, least: int) -> list[int]:
+    try:
+        found = [int(k) for k in value.split(",") if k.strip()]
+    except ValueError:
+        raise HippoError(f"{flag} expects comma-separated integers, got '{value}'") from None
+    if not found or any(k < least for k in found):
+        raise HippoError(f"{flag} expects integers >= {least}, got '{value}'")
+    return found
+
+
+def _sweep_modes(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """Parse --modes/--budgets, with one-line errors."""
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise HippoError(f"--modes expects loglik, generate or loglik,generate, got '{args.modes}'")
+    budgets = _integers(args.budgets, "--budgets", 1) if args.budgets else [args.max_new_tokens]
+    return modes, budgets
 
 
 def _sweep_axes(args: argparse.Namespace) -> tuple[list[str], list[bool], list[int]]:
@@ -126,13 +200,7 @@ def _sweep_axes(args: argparse.Namespace) -> tuple[list[str], list[bool], list[i
     chats = [c.strip() for c in args.chat_options.split(",") if c.strip()]
     if not chats or any(c not in flags for c in chats):
         raise HippoError(f"--chat-options expects off, on or off,on, got '{args.chat_options}'")
-    try:
-        shots = [int(k) for k in args.shots.split(",") if k.strip()]
-    except ValueError:
-        raise HippoError(f"--shots expects comma-separated integers, got '{args.shots}'") from None
-    if not shots or any(k < 0 for k in shots):
-        raise HippoError(f"--shots expects integers >= 0, got '{args.shots}'")
-    return prompts, [flags[c] for c in chats], shots
+    return prompts, [flags[c] for c in chats], _integers(args.shots, "--shots", 0)
 
 
 def _eval_options(args: argparse.Namespace, fewshot_data: dict[str, str]) -> dict[str, Any]:
@@ -149,6 +217,9 @@ def _eval_options(args: argparse.Namespace, fewshot_data: dict[str, str]) -> dic
         "max_length": args.max_length,
         "trust_remote_code": args.trust_remote_code,
         "protocol": args.protocol,
+        "samples": args.samples,
+        "temperature": args.temperature,
+        "backend": args.backend,
     }
 
 
@@ -169,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
             raise HippoError("--report-to needs --output DIR (the TensorBoard files go there)")
     if args.max_length is not None and args.max_length < 2:
         raise HippoError(f"--max-length must be >= 2, got {args.max_length}")
+    if args.prompt is not None and args.mode == "generate" and not args.sweep:
+        raise HippoError(
+            "--prompt applies to --mode loglik; generate asks every item the same way (docs/evaluation.md)"
+        )
+    prompt = args.prompt or "hippocrates"
     if args.export_lm_eval:
         from hippocrates.eval.lm_eval_export import export
 
@@ -176,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
             raise HippoError(
                 "--export-lm-eval writes lm-eval 0.4 tasks, which cannot encode as v0.3 did; use --protocol v0.4"
             )
+        if args.mode == "generate":
+            raise HippoError("--export-lm-eval writes log-likelihood tasks; drop --mode generate")
 
         written = export(
             args.export_lm_eval,
@@ -185,8 +263,8 @@ def run(args: argparse.Namespace) -> int:
             fewshot_data=fewshot_data,
             task_dirs=args.task_dir,
             num_fewshot=args.num_fewshot,
-            prompt=args.prompt,
-            chat_template=args.chat_template,
+            prompt=prompt,
+            chat_template=bool(args.chat_template),
             limit=args.limit,
             seed=args.seed,
             model=args.model,
@@ -209,9 +287,11 @@ def run(args: argparse.Namespace) -> int:
             args.tasks,
             data=data,
             num_fewshot=args.num_fewshot,
-            prompt=args.prompt,
+            prompt=prompt,
             chat_template=args.chat_template,
             output_dir=args.output,
+            mode=args.mode,
+            max_new_tokens=args.max_new_tokens,
             **_eval_options(args, fewshot_data),
         )
     if args.output and args.report_to:
@@ -230,6 +310,7 @@ def run_sweep_command(args: argparse.Namespace, data: dict[str, str], fewshot_da
     if not args.output:
         raise HippoError("--sweep needs --output DIR (it writes DIR/sweep.{json,md,csv})")
     prompts, chats, shots = _sweep_axes(args)
+    modes, budgets = _sweep_modes(args)
     from hippocrates.analyses.sweep import run_sweep
     from hippocrates.data.io import check_writable
     from hippocrates.lock import hold
@@ -245,6 +326,8 @@ def run_sweep_command(args: argparse.Namespace, data: dict[str, str], fewshot_da
             shots,
             args.output,
             baseline=args.baseline,
+            modes=modes,
+            budgets=budgets,
             **_eval_options(args, fewshot_data),
         )
     print(json.dumps(result, indent=2) if args.json else (Path(args.output) / "sweep.md").read_text())

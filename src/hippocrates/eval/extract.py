@@ -5,11 +5,20 @@ Models are asked to reason and then end with ``Answer: X`` (:data:`ANSWER_INSTRU
 tried in order, on a response to a question with lettered options:
 
 1. **answer line**: the last line that states the answer (``Answer: C``, ``answer: (c)``,
-   ``**Final answer:** C.``, ``The answer is C because ...``). The letter must name one of the
-   options; two different letters there (``Answer: B or C``) is ambiguous. A stated answer that is
-   the text of exactly one option (``Answer: Vitamin C deficiency``) counts as that option.
+   ``**Final answer:** C.``, ``The answer is C because ...``, ``The correct answer is: C.``). The
+   letter must name one of the options; two different letters there (``Answer: B or C``) is
+   ambiguous. A stated answer that is the text of exactly one option (``Answer: Vitamin C
+   deficiency``) counts as that option. A line that only introduces the answer (``The correct
+   answer is:``, ``Answer:``) states the next non-empty line (``C. Choledocholithiasis``); with
+   nothing after it, it states nothing and the rules below apply.
 2. **lone letter**: the whole response is one letter, maybe bracketed or followed by a dot.
-3. **option text**: the response names exactly one option's text (whole words, any case).
+3. **option line**: exactly one option letter starts a line the way options are listed
+   (``C. Adenocarcinoma of the colon``, ``(C) ...``, ``C) ...``); a response that lists several
+   options (``A. ...`` then ``B. ...``) names none.
+
+A letter followed by the text of *another* option (``C. Pyruvate kinase`` when pyruvate kinase is
+option D), on an answer line or an option line, contradicts itself and is unparsed.
+4. **option text**: the response names exactly one option's text (whole words, any case).
 
 For fixed answer words (PubMedQA's yes/no/maybe) the answer line and the lone word are matched
 against the words instead of letters. Anything else is *unparsed*: scored wrong, counted and listed,
@@ -33,9 +42,14 @@ WORDS_INSTRUCTION = (
     'in the form "Answer: X", where X is one of: {choices}.'
 )
 _ANSWER = re.compile(
-    r"(?:final\s+answer|correct\s+answer|the\s+answer|answer)\s*(?:is|would\s+be|:|-|=)\s*(.+)", re.IGNORECASE
+    r"(?:final\s+answer|correct\s+answer|the\s+answer|answer)\s*(?:(?:is|would\s+be)\s*[:=-]?|[:=-])\s*(.+)",
+    re.IGNORECASE,
 )
+_OPTION_LINE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.)])\s+(\S.*)$", re.MULTILINE)
 _MARKUP = re.compile(r"[*_`#>]+")
+_LEAD_IN = re.compile(
+    r"^\W*(?:(?:the\s+)?(?:final\s+|correct\s+)?answer)\s*(?:is|would\s+be)?\s*[:\-=]?\W*$", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,12 @@ def ask(item: Item) -> str:
     return f"{context}Question: {item.question}\n{listed}\n{ANSWER_INSTRUCTION}"
 
 
+def answer_line(item: Item) -> str:
+    """The gold answer as a model is asked to end with it (``Answer: C``, ``Answer: yes``): the
+    assistant turn of a generative few-shot exemplar. :func:`extract` reads it back as the gold."""
+    return f"Answer: {LETTERS[item.gold] if is_lettered(item) else item.options[item.gold]}"
+
+
 def _norm(text: str) -> str:
     return " ".join(_MARKUP.sub(" ", text).lower().split())
 
@@ -94,6 +114,15 @@ def _option_text(text: str, options: list[str]) -> int | None | str:
     if len(hits) == 1:
         return hits[0]
     return "ambiguous" if hits else None
+
+
+def _letter_with_text(index: int, text: str, options: list[str], rule: str) -> Extraction:
+    """A letter and the text written after it (``C. Pyruvate kinase``): the letter, unless that text
+    is another option's, when the response contradicts itself."""
+    named = _option_text(text, options)
+    if isinstance(named, int) and named != index:
+        return Extraction(None, None, f"letter {LETTERS[index]} with the text of option {LETTERS[named]}")
+    return Extraction(index, rule)
 
 
 def _stated(answer: str, options: list[str], lettered: bool) -> Extraction | None:
@@ -117,7 +146,7 @@ def _stated(answer: str, options: list[str], lettered: bool) -> Extraction | Non
                 return Extraction(
                     None, None, f"letter {letter} is not one of the options A-{LETTERS[len(options) - 1]}"
                 )
-            return Extraction(index, "answer-line")
+            return _letter_with_text(index, rest, options, "answer-line")
     else:
         word = re.match(r"^\W*([A-Za-z]+)", cleaned)
         folded = [o.lower() for o in options]
@@ -134,13 +163,21 @@ def extract(response: str, options: list[str], *, lettered: bool = True) -> Extr
     text = (response or "").strip()
     if not text:
         return Extraction(None, None, "empty response")
-    for line in reversed(text.splitlines()):
-        matches = list(_ANSWER.finditer(_MARKUP.sub("", line)))
-        if matches:
-            stated = _stated(matches[-1].group(1), options, lettered)
+    lines = text.splitlines()
+    for number in range(len(lines) - 1, -1, -1):
+        line = _MARKUP.sub("", lines[number])
+        matches = list(_ANSWER.finditer(line))
+        if matches or _LEAD_IN.match(line):
+            statement = matches[-1].group(1) if matches else ""
+            if not re.sub(r"\W+", "", statement):  # a lead-in: the answer is on the next non-empty line
+                after = [x for x in lines[number + 1 :] if x.strip()]
+                if not after:
+                    continue  # it states nothing
+                statement = after[0]
+            stated = _stated(statement, options, lettered)
             if stated is not None:
                 return stated
-            return Extraction(None, None, f"the answer line names no option: {line.strip()[:80]!r}")
+            return Extraction(None, None, f"the answer line names no option: {lines[number].strip()[:80]!r}")
     bare = _MARKUP.sub("", text).strip().rstrip(".")
     if lettered:
         lone = re.fullmatch(r"\(?([A-Za-z])\)?", bare)
@@ -149,6 +186,14 @@ def extract(response: str, options: list[str], *, lettered: bool = True) -> Extr
             if index < len(options):
                 return Extraction(index, "lone-letter")
             return Extraction(None, None, f"letter {lone.group(1).upper()} is not one of the options")
+        listed = [(a or b, rest) for a, b, rest in _OPTION_LINE.findall(_MARKUP.sub("", text))]
+        letters = {letter for letter, _ in listed}
+        if len(letters) > 1:
+            return Extraction(None, None, "the response names several options")
+        if letters and LETTERS.index(listed[0][0]) < len(options):
+            return _letter_with_text(
+                LETTERS.index(listed[0][0]), " ".join(r for _, r in listed), options, "option-line"
+            )
     else:
         folded = [o.lower() for o in options]
         if bare.lower() in folded:

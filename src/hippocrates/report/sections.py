@@ -252,8 +252,32 @@ def variant_runs(run: Path) -> list[tuple[str, str, int, Path]]:
     return out
 
 
+def generative(results: dict[str, Any]) -> bool:
+    """Whether a results.json is of a generative evaluation (no option probabilities to calibrate)."""
+    return results.get("mode") == "generate"
+
+
+def _generative_rows(res: dict[str, Any]) -> tuple[str, Table]:
+    """The note and table of a generative evaluation: accuracy with the unparsed rate beside it."""
+    how = "greedy" if not res.get("temperature") else f"temperature {res.get('temperature')}"
+    note = (
+        f"generative: {res.get('template')} format, {res.get('samples')} sample(s) per item ({how}"
+        f"{', majority vote' if (res.get('samples') or 1) > 1 else ''}), up to {res.get('max_new_tokens')} new "
+        "tokens; unparsed answers are scored wrong"
+    )
+    rows = [
+        [task, t.get("n"), _pm(t.get("acc"), t.get("acc_stderr")), t.get("unparsed"), t.get("unparsed_rate"),
+         t.get("mean_generated_tokens"), t.get("truncated"), t.get("skipped"), t.get("time_s")]
+        for task, t in (res.get("tasks") or {}).items()
+    ]  # fmt: skip
+    headers = ["Task", "n", "acc (%)", "Unparsed", "Unparsed (%)", "Mean generated tokens", "Hit budget",
+               "Skipped", "Time (s)"]  # fmt: skip
+    return note, Table(headers, rows, percent={4})
+
+
 def eval_section(run: Path) -> Section:
-    """Per shot count, per task accuracy (± stderr), acc_norm, n, ECE and Brier; per stage if ablated."""
+    """Per shot count, per task accuracy (± stderr), acc_norm, n, ECE and Brier (generative: the
+    unparsed rate and generated tokens instead); per stage if ablated."""
     s = Section("eval", "Evaluation")
     runs = eval_runs(run / "eval")
     if not runs:
@@ -265,6 +289,14 @@ def eval_section(run: Path) -> Section:
         s.heading(f"{shots}-shot")
         model, path = short_path(res.get("model"), run), short_path(res.get("model_path"), run)
         where = f" ({path})" if path not in (None, model) else ""
+        if generative(res):
+            note, table = _generative_rows(res)
+            s.note(
+                f"model {model}{where}, {note}, {when(res.get('created', '?'))}, "
+                f"hippocrates {res.get('hippocrates_version', '?')}"
+            )
+            s.table(table)
+            continue
         s.note(
             f"model {model}{where}, prompt {res.get('prompt')}, chat template "
             f"{'on' if res.get('chat_template') else 'off'}, {when(res.get('created', '?'))}, "
@@ -359,8 +391,16 @@ def calibration_section(run: Path, n_bins: int = cal.DEFAULT_BINS) -> Section:
     s = Section("calibration", "Calibration")
     groups = [("final model", d) for _, d in eval_runs(run / "eval")]
     groups += [(label, folder) for _, label, _, folder in variant_runs(run)]
+    answered = [(label, d) for label, d in groups if generative(_quiet_json(d / "results.json"))]
+    groups = [g for g in groups if g not in answered]
+    if answered:
+        s.note(
+            f"Not calibrated: {', '.join(f'{label} ({_rel(d, run)})' for label, d in answered)}, generative "
+            "evaluations, which give no probability over the options; calibration applies to log-likelihood results."
+        )
     if not groups:
-        s.missing.append("eval/<K>shot/samples_<task>.jsonl: no evaluation samples to calibrate")
+        if not answered:
+            s.missing.append("eval/<K>shot/samples_<task>.jsonl: no evaluation samples to calibrate")
         return s
     s.note(
         f"Confidence = max softmax probability over the options' summed log-likelihoods. ECE and MCE use "

@@ -127,32 +127,45 @@ def ablation_table(data: dict[str, Any]) -> Table:
 
 def sweep_table(data: dict[str, Any]) -> Table:
     """Prompt strategy x chat template x shots against per-task accuracy (%), the average, and its
-    paired comparison with the baseline combination."""
+    paired comparison with the baseline combination. A sweep with generative rows adds the mode,
+    the thinking budget and, beside the average, the unparsed rate (mean over tasks)."""
     tasks = list(data.get("tasks", []))
     found = [r.get("average") for r in data.get("rows", []) if r.get("name") == data.get("baseline")]
     base_avg = found[0] if found else None
+    generative = any(r.get("mode") == "generate" for r in data.get("rows", []))
     rows = []
     for r in data.get("rows", []):
         acc = r.get("acc") or {}
         avg = r.get("average")
+        unparsed = r.get("unparsed_rate") or {}
+        lead = [r.get("mode", "loglik"), r.get("prompt")] if generative else [r.get("prompt")]
+        budget = [r.get("max_new_tokens")] if generative else []
+        rate = [task_average([unparsed.get(t) for t in tasks]) if unparsed else None] if generative else []
         rows.append(
             [
-                r.get("prompt"),
+                *lead,
                 bool(r.get("chat_template")),
                 r.get("num_fewshot"),
+                *budget,
                 *[acc.get(t) for t in tasks],
                 avg,
+                *rate,
                 avg - base_avg if avg is not None and base_avg is not None else None,
                 *_verdict(r.get("comparison")),
             ]
         )
-    delta = len(tasks) + 4
+    first = 5 if generative else 3  # the first accuracy column
+    delta = first + len(tasks) + 1 + (1 if generative else 0)
     baseline = f", Δ against {data['baseline']}" if data.get("baseline") else ""
+    headers = ["Prompt", "Chat template", "Shots", *tasks, "Average"]
+    if generative:
+        headers = ["Mode", "Prompt", "Chat template", "Shots", "Budget", *tasks, "Average", "Unparsed (%)"]
     return Table(
-        ["Prompt", "Chat template", "Shots", *tasks, "Average", "Δ avg vs baseline", *VERDICT_HEADERS],
+        [*headers, "Δ avg vs baseline", *VERDICT_HEADERS],
         rows,
-        caption=f"Prompting strategies: accuracy (%){baseline}",
-        percent=set(range(3, delta + 3)),
+        caption=f"Prompting strategies: accuracy (%){baseline}"
+        + ("; generate: budget = max new tokens, unparsed answers scored wrong" if generative else ""),
+        percent=set(range(first, delta + 3)),
         signed={delta, delta + 1, delta + 2},
         pvalues={delta + 4, delta + 5},
     )

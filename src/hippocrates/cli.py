@@ -22,7 +22,7 @@ from hippocrates.errors import EXIT_USAGE, HippoError
 COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": (
         "hippocrates.pipeline",
-        "run every enabled stage of a recipe in order (CPT -> SFT -> annotate -> DPO -> eval -> analyses -> report)",
+        "run every enabled stage of a recipe in order (CPT -> SFT -> annotate -> DPO [-> GRPO] -> eval -> analyses -> report)",
     ),
     "cpt": ("hippocrates.stages.cpt", "continued pre-training on medical text, with LoRA"),
     "sft": ("hippocrates.stages.sft", "medical instruction tuning on a weighted mixture, with LoRA"),
@@ -35,8 +35,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "hippocrates.stages.grpo",
         "reinforcement learning with verifiable rewards (GRPO) on questions with known answers",
     ),
-    "eval": ("hippocrates.eval.cli", "evaluate on MedQA, MedMCQA, PubMedQA, USMLE (log-likelihood scoring)"),
-    "ablate": ("hippocrates.analyses.ablation", "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO"),
+    "eval": (
+        "hippocrates.eval.cli",
+        "evaluate on MedQA, MedMCQA, PubMedQA, USMLE or your files (log-likelihood or generative)",
+    ),
+    "ablate": (
+        "hippocrates.analyses.ablation",
+        "stage ablation: base, +CPT, +SFT, +CPT+SFT, +CPT+SFT+DPO (+GRPO), paired against the base",
+    ),
     "compare": ("hippocrates.analyses.compare", "paired comparison of two evaluations (difference, CI, p)"),
     "report": ("hippocrates.report.cli", "write the HTML + Markdown report of a run directory"),
     "export": ("hippocrates.export", "a stage output as a Hugging Face Hub model folder (and upload it)"),

@@ -172,3 +172,22 @@ def test_sweep_loads_the_model_once_and_reuses_combinations(tiny_llama_dir, tmp_
         )
     with pytest.raises(HippoError, match="no prompts"):
         run_sweep(str(tiny_llama_dir), ["medqa"], None, [], [False], [0], tmp_path / "s2")
+
+
+def test_variants_are_evaluated_in_one_precision(copied_run):
+    """eval.precision auto sends a model whose 16-bit weights lose its stage's effect to fp32; the
+    ablation then runs every variant in fp32, so base and trained models differ only by training."""
+    from hippocrates.models import precision_for
+
+    recipe = yaml.safe_load(copied_run.read_text())
+    recipe["precision"] = "bf16"
+    recipe.setdefault("eval", {})["precision"] = "auto"
+    copied_run.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    data = run_ablation(load_recipe(copied_run))
+    ok = [v for v in data["variants"] if v["status"] == "ok"]
+    alone = {v["name"]: precision_for(v["model_path"], "bf16")[0] for v in ok}
+    assert set(alone.values()) == {"bf16", "fp32"}, alone  # on their own, the variants would mix
+    assert {v["precision"] for v in ok} == {"fp32"}
+    assert all(
+        json.loads((copied_run.parent / "out" / v["results"]).read_text())["precision"] == "fp32" for v in ok
+    )

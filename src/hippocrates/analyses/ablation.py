@@ -105,6 +105,32 @@ class Ablation:
         self.models: dict[str, str] = {}
         self.outcomes: dict[str, dict[str, dict[str, bool]]] = {}  # variant name -> per-item outcomes
         self.train_s = 0.0
+        self.prepared: dict[str, tuple[str | None, float, str | None]] = {}  # name -> model, train s, error
+        self.precision: str | None = None  # one precision for every variant (None: the recipe's own rule)
+        self.tasks = task_names(recipe.eval.tasks)
+
+    def prepare(self, variant: Variant) -> None:
+        """Train (or reuse) the variant's model before any evaluation, so the precision can be chosen
+        once for all of them."""
+        self.train_s = 0.0
+        try:
+            self.prepared[variant.name] = (self.ensure(variant.model), self.train_s, None)
+        except HippoError as exc:
+            self.prepared[variant.name] = (None, self.train_s, str(exc))
+
+    def choose_precision(self) -> None:
+        """Variants compared with each other run in one precision: when ``eval.precision: auto`` sends
+        one trained model to fp32 (its 16-bit weights lose what it learned), every variant runs in fp32,
+        so a difference is the training's, not the arithmetic's."""
+        from hippocrates.eval.runner import recipe_eval_options
+
+        models = [m for m, _, error in self.prepared.values() if m and not error]
+        if self.recipe.eval.precision != "auto" or not models:
+            return
+        chosen = {recipe_eval_options(self.recipe, self.shots, self.limit, m)["precision"] for m in models}
+        if len(chosen) > 1:
+            self.precision = "fp32"
+            status("ablate: every variant is evaluated in fp32, so that they compare on equal terms")
 
     def skip_reason(self, variant: Variant) -> str | None:
         stages = self.recipe.stages
@@ -157,11 +183,16 @@ class Ablation:
         reason = self.skip_reason(variant)
         if reason:
             return {**row, "status": "skipped", "reason": reason}
-        self.train_s = 0.0
+        if variant.name not in self.prepared:
+            self.prepare(variant)
+        model, train_s, error = self.prepared[variant.name]
         ev = self.recipe.eval
         try:
-            model = self.ensure(variant.model)
+            if error or model is None:
+                raise HippoError(error or "no model")
             options = recipe_eval_options(self.recipe, self.shots, self.limit, model)
+            if self.precision:
+                options["precision"] = self.precision
             step = recipe_eval_step(self.recipe, model, options)
             start = time.perf_counter()
             target = self.eval_dir(variant)
@@ -180,12 +211,12 @@ class Ablation:
         except HippoError as exc:
             return {**row, "status": "failed", "reason": str(exc)}
         tasks = results.get("tasks") or {}
-        acc = {t: (tasks.get(t) or {}).get("acc") for t in ev.tasks}
+        acc = {t: (tasks.get(t) or {}).get("acc") for t in self.tasks}
         return {
             **row, "status": "ok", "model_path": model, "results": _relative(where / "results.json", self.out),
-            "acc": acc, "acc_norm": {t: (tasks.get(t) or {}).get("acc_norm") for t in ev.tasks},
-            "n": {t: (tasks.get(t) or {}).get("n") for t in ev.tasks}, "average": task_average(list(acc.values())),
-            "reused_eval": bool(reusable), "train_s": round(self.train_s, 2),
+            "acc": acc, "acc_norm": {t: (tasks.get(t) or {}).get("acc_norm") for t in self.tasks},
+            "n": {t: (tasks.get(t) or {}).get("n") for t in self.tasks}, "average": task_average(list(acc.values())),
+            "precision": options["precision"], "reused_eval": bool(reusable), "train_s": round(train_s, 2),
             "eval_s": round(time.perf_counter() - start, 2),
         }  # fmt: skip
 
@@ -218,6 +249,16 @@ class Ablation:
         data.pop("comparison_error", None)
         for v in others:
             v["comparison"] = found[v["label"]]
+
+
+def task_names(tasks: list[str]) -> list[str]:
+    """The recipe's tasks by name (a task given as a YAML path is named by its ``task`` key)."""
+    from hippocrates.eval.registry import resolve_tasks
+
+    try:
+        return [spec.task for spec in resolve_tasks(list(tasks))]
+    except HippoError:
+        return list(tasks)  # evaluate() reports the problem where it matters
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -256,14 +297,17 @@ def run_ablation(
     k = recipe.eval.num_fewshot[0] if shots is None else shots
     ablation = Ablation(recipe, k, limit or recipe.eval.limit, force_eval)
     data: dict[str, Any] = {
-        "recipe": recipe.name, "base_model": recipe.base_model, "num_fewshot": k, "tasks": list(recipe.eval.tasks),
+        "recipe": recipe.name, "base_model": recipe.base_model, "num_fewshot": k, "tasks": ablation.tasks,
         "prompt": recipe.eval.prompt, "protocol": recipe.eval.protocol, "mode": recipe.eval.mode,
         "chat_template": recipe.eval.chat_template if recipe.eval.mode == "generate" else bool(recipe.eval.chat_template),
         "limit": ablation.limit, "variants": [],
     }  # fmt: skip
-    for variant in rows:
-        if variants and variant.name not in variants:
-            continue
+    selected = [v for v in rows if not variants or v.name in variants]
+    for variant in selected:
+        if not ablation.skip_reason(variant):
+            ablation.prepare(variant)
+    ablation.choose_precision()
+    for variant in selected:
         data["variants"].append(ablation.run_variant(variant))
         ablation.compare(data)
         data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

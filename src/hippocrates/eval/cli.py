@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   hippo eval --list-tasks
   hippo eval --sweep --tasks medqa --data-dir ../shared/data --limit 50 --output runs/sweep   # prompts x chat x shots
   hippo eval --tasks medqa --data-dir ../shared/data --export-lm-eval lm_eval_tasks/   # same protocol in lm-eval
+  hippo eval --mode rubric --rubrics data/demo/rubrics/healthbench_style.jsonl --output runs/rubric   # open-ended
 """
 
 
@@ -33,8 +34,17 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hippocrates.eval import rubric
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
+    parser.add_argument(
+        "--mode",
+        choices=["loglik", "rubric"],
+        default="loglik",
+        help="loglik: score the options of multiple-choice tasks (default); "
+        "rubric: open-ended answers graded against rubrics (--rubrics)",
+    )
     parser.add_argument("--model", default="smollm2-135m", help="alias, HF directory, .gguf or org/name")
     parser.add_argument(
         "--tasks", default="medqa,medmcqa,pubmedqa", help="comma-separated task names or YAML paths"
@@ -112,6 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the combination the others are compared with, as <prompt>-<chat|plain>-<K>shot "
         "(default: the first)",
     )
+    rubric.add_arguments(parser)
 
 
 def _sweep_axes(args: argparse.Namespace) -> tuple[list[str], list[bool], list[int]]:
@@ -159,6 +170,12 @@ def run(args: argparse.Namespace) -> int:
         for row in task_table(args.task_dir):
             print(f"{row['task']:<14} {row['format']:<9} {row['file']:<34} {row['title']}")
         return 0
+    if args.mode == "rubric":
+        from hippocrates.eval.rubric import run_command
+
+        return run_command(args)
+    if args.rubrics:
+        raise HippoError("--rubrics needs --mode rubric")
     data = _pairs(args.data, "--data")
     fewshot_data = _pairs(args.fewshot_data, "--fewshot-data")
     if args.report_to:

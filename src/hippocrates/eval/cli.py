@@ -38,13 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
-    parser.add_argument(
-        "--mode",
-        choices=["loglik", "rubric"],
-        default="loglik",
-        help="loglik: score the options of multiple-choice tasks (default); "
-        "rubric: open-ended answers graded against rubrics (--rubrics)",
-    )
     parser.add_argument("--model", default="smollm2-135m", help="alias, HF directory, .gguf or org/name")
     parser.add_argument(
         "--tasks", default="medqa,medmcqa,pubmedqa", help="comma-separated task names or YAML paths"

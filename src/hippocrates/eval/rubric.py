@@ -634,7 +634,12 @@ def evaluate_rubric(
         for r in rows
         if r["status"] == "unscorable"
     ]
-    overall = {**scores["overall"], "excluded": len(excluded), "unscorable": len(unscorable)}
+    decided = [(c.points, met) for ex, ds in zip(examples, decisions, strict=True)
+               for c, (met, _) in zip(ex.criteria, ds, strict=True) if met is not None]  # fmt: skip
+    overall = {**scores["overall"], "excluded": len(excluded), "unscorable": len(unscorable),
+               "criteria_decided": len(decided), "criteria_met": sum(met for _, met in decided),
+               "negative_criteria_decided": sum(p < 0 for p, _ in decided),
+               "negative_criteria_met": sum(p < 0 and met for p, met in decided)}  # fmt: skip
     results: dict[str, Any] = {
         "mode": "rubric",
         "model": lm.spec,
@@ -706,6 +711,9 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(row(f"{title} {tag}", s))
     lines.append("score: mean of per-example scores clipped to [0, 1]; HealthBench: the mean of unclipped scores, "
                  "clipped (as published HealthBench numbers)")  # fmt: skip
+    if isinstance(o.get("criteria_decided"), int):
+        lines.append(f"the judge said met for {o['criteria_met']} of {o['criteria_decided']} criteria "
+                     f"({o['negative_criteria_met']} of {o['negative_criteria_decided']} negative ones)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -713,11 +721,27 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--mode rubric`` options of ``hippo eval``."""
+    """The ``--mode rubric`` options of ``hippo eval``, added after the others: ``rubric`` joins the
+    choices of an existing ``--mode``, and an answer option another mode already defines
+    (``--max-new-tokens``, ``--temperature``) is shared rather than defined twice."""
+    known = parser._option_string_actions  # argparse's table of the options defined so far
+    mode = known.get("--mode")
+    if mode is None:
+        parser.add_argument("--mode", choices=["loglik", "rubric"], default="loglik",
+                            help="loglik: score the options of multiple-choice tasks (default); rubric: open-ended "
+                            "answers graded against --rubrics (docs/evaluation.md)")  # fmt: skip
+    elif "rubric" not in mode.choices:
+        mode.choices = [*mode.choices, "rubric"]
+        mode.help = f"{mode.help}; rubric: open-ended answers graded against --rubrics"
     group = parser.add_argument_group(
         "rubric-graded evaluation (--mode rubric)",
         "the model answers each conversation of --rubrics; a judge decides met / not met per criterion",
     )
+
+    def once(flag: str, **options: Any) -> None:
+        if flag not in known:
+            group.add_argument(flag, **options)
+
     group.add_argument("--rubrics", metavar="FILE", help="rubric set in HealthBench's JSONL format")
     group.add_argument(
         "--judge",
@@ -748,11 +772,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--judge-cache", metavar="PATH", help="http: sqlite answer cache (default OUTPUT/judge_cache.sqlite)"
     )
-    group.add_argument(
-        "--max-new-tokens", type=int, default=256, metavar="N", help="the answer's token budget (default 256)"
-    )
-    group.add_argument(
-        "--temperature", type=float, default=0.0, help="answer sampling temperature (0: greedy)"
+    once("--max-new-tokens", type=int, default=256, metavar="N", help="new tokens per answer (default 256)")
+    once(
+        "--temperature", type=float, default=0.0, metavar="T", help="answer sampling temperature (0: greedy)"
     )
     group.add_argument(
         "--template", choices=["auto", "chat", "alpaca"], default="auto",

@@ -307,7 +307,10 @@ def rubric_scores(s: Section, run: Path, path: Path) -> None:
         "without positive points (no defined score). Score: the mean of the per-example scores clipped to "
         "[0, 1], with a bootstrap 95% CI over examples; HealthBench: the mean of the unclipped scores, clipped, "
         "as HealthBench aggregates. A rubric tag is scored over the criteria carrying it."
-    )
+        + (f" The judge said met for {o['criteria_met']} of {o['criteria_decided']} criteria "
+           f"({o.get('negative_criteria_met')} of the {o.get('negative_criteria_decided')} that describe "
+           "harmful or wrong behaviour)." if isinstance(o.get("criteria_decided"), int) else "")
+    )  # fmt: skip
     rows = [
         [
             "overall",

@@ -42,7 +42,7 @@ import math
 import re
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -481,7 +481,6 @@ class RubricOptions:
     temperature: float = 0.0
     seed: int = 0
     batch_size: int = 8
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
         judge = self.judge.model_dump(mode="json")
@@ -532,6 +531,49 @@ def _judge_model(settings: Any, lm: Any) -> tuple[Any, Any]:
     return None, None
 
 
+def _criterion_row(c: Criterion, verdict: Any, met: bool | None, error: str | None) -> dict[str, Any]:
+    row = {"criterion": c.text, "points": c.points, "tags": list(c.tags), "met": met, "reason": verdict.reason,
+           "error": error, "source": verdict.source, "cached": verdict.cached}  # fmt: skip
+    if "logp_a" in verdict.scores:  # named by the words compared
+        yes, no = verdict.scores["logp_a"], verdict.scores["logp_b"]
+        row.update({f"logp_{YES.lower()}": yes, f"logp_{NO.lower()}": no,
+                    "reason": f"log P({YES})={yes:.3f}, log P({NO})={no:.3f}"})  # fmt: skip
+    return row
+
+
+def collect(
+    examples: list[Example], answers: list[Any], verdicts: list[list[Any]], decisions: list[list[tuple]]
+) -> tuple[list[Graded], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The fully decided examples, the excluded ones (a judge failure on any criterion) with the
+    reason, and every example's samples row."""
+    graded, excluded, rows = [], [], []
+    for ex, generated, vs, ds in zip(examples, answers, verdicts, decisions, strict=True):
+        failures = [(k, err) for k, (met, err) in enumerate(ds) if met is None]
+        criteria = [
+            _criterion_row(c, v, met, err) for c, v, (met, err) in zip(ex.criteria, vs, ds, strict=True)
+        ]
+        if failures:
+            k, err = failures[0]
+            reason = f"judge failed on {len(failures)} of {len(ex.criteria)} criteria (first: criterion {k + 1}: {err})"
+            excluded.append(
+                {"id": ex.id, "where": ex.where, "reason": reason, "failed_criteria": len(failures)}
+            )
+            state, raw = "excluded", None
+        else:
+            met = [bool(m) for m, _ in ds]
+            graded.append(Graded(ex.id, ex.tags, ex.criteria, met))
+            raw = raw_score([c.points for c in ex.criteria], met)
+            state = "scored" if raw is not None else "unscorable"
+            reason = None if raw is not None else "no criterion with positive points: the score is undefined"
+        rows.append({
+            "id": ex.id, "where": ex.where, "prompt": ex.chat(), "example_tags": list(ex.tags),
+            "answer": generated.text, "answer_tokens": generated.n_tokens, "finish_reason": generated.finish_reason,
+            "status": state, "reason": reason, "score": None if raw is None else clip(raw), "unclipped_score": raw,
+            "criteria": criteria,
+        })  # fmt: skip
+    return graded, excluded, rows
+
+
 def evaluate_rubric(
     model: Any,
     rubrics: str | Path,
@@ -561,7 +603,7 @@ def evaluate_rubric(
     if out is not None:
         check_writable(out)
     lm = model if isinstance(model, LoadedModel) else LoadedModel.load(model, precision, trust_remote_code)
-    precision = lm.precision
+    precision, t_load = lm.precision, time.time()
     step = rubric_step(lm.path, rubrics, options, precision)
     examples = data.examples
     unscorable_ids = {ex.id for ex in examples if ex.positive_points <= 0}
@@ -591,43 +633,12 @@ def evaluate_rubric(
     failed_calls = sum(met is None for d in decisions for met, _ in d)
     check_failures("rubric grading", failed_calls, calls, judge_stats, options.judge.max_failed_share)
 
-    graded, excluded, rows = [], [], []
-    for ex, generated, vs, ds in zip(examples, answers, verdicts, decisions, strict=True):
-        failures = [(k, err) for k, (met, err) in enumerate(ds) if met is None]
-        criteria = [
-            {"criterion": c.text, "points": c.points, "tags": list(c.tags), "met": met, "reason": v.reason,
-             "error": err, "source": v.source, "cached": v.cached,
-             **{k: v.scores[k] for k in ("logp_a", "logp_b") if k in v.scores}}
-            for c, v, (met, err) in zip(ex.criteria, vs, ds, strict=True)
-        ]  # fmt: skip
-        for row in criteria:  # name the log-probabilities by the words compared
-            if "logp_a" in row:
-                row[f"logp_{YES.lower()}"], row[f"logp_{NO.lower()}"] = row.pop("logp_a"), row.pop("logp_b")
-                row["reason"] = (
-                    f"log P({YES})={row[f'logp_{YES.lower()}']:.3f}, log P({NO})={row[f'logp_{NO.lower()}']:.3f}"
-                )
-        if failures:
-            k, err = failures[0]
-            reason = f"judge failed on {len(failures)} of {len(ex.criteria)} criteria (first: criterion {k + 1}: {err})"
-            excluded.append(
-                {"id": ex.id, "where": ex.where, "reason": reason, "failed_criteria": len(failures)}
-            )
-            state, raw = "excluded", None
-        else:
-            graded.append(Graded(ex.id, ex.tags, ex.criteria, [bool(m) for m, _ in ds]))
-            raw = raw_score([c.points for c in ex.criteria], [bool(m) for m, _ in ds])
-            state, reason = ("unscorable", "no criterion with positive points: the score is undefined") if raw is None \
-                else ("scored", None)  # fmt: skip
-        rows.append({
-            "id": ex.id, "where": ex.where, "prompt": ex.chat(), "example_tags": list(ex.tags),
-            "answer": generated.text, "answer_tokens": generated.n_tokens, "finish_reason": generated.finish_reason,
-            "status": state, "reason": reason, "score": None if raw is None else clip(raw), "unclipped_score": raw,
-            "criteria": criteria,
-        })  # fmt: skip
+    graded, excluded, rows = collect(examples, answers, verdicts, decisions)
     if excluded:
         ids = ", ".join(e["id"] for e in excluded[:5]) + (" ..." if len(excluded) > 5 else "")
+        again = "; a rerun asks only what failed (answers are cached)" if grader_cached else ""
         status(f"rubric: {len(excluded)} of {len(examples)} examples excluded: the judge failed on one of their "
-               f"criteria (ids: {ids})" + ("; a rerun asks only what failed (answers are cached)" if grader_cached else ""))  # fmt: skip
+               f"criteria (ids: {ids}){again}")  # fmt: skip
     scores = aggregate(graded, seed=BOOTSTRAP_SEED, resamples=RESAMPLES)
     unscorable = [
         {"id": r["id"], "where": r["where"], "reason": r["reason"]}
@@ -675,8 +686,8 @@ def evaluate_rubric(
         "judge_stats": judge_stats,
         "judge_calls": calls,
         "judge_failed_calls": failed_calls,
-        "time_s": {"answer": round(t_answer - t0, 2), "grade": round(t_grade - t_answer, 2),
-                   "total": round(time.time() - t0, 2)},
+        "time_s": {"load": round(t_load - t0, 2), "answer": round(t_answer - t_load, 2),
+                   "grade": round(t_grade - t_answer, 2), "total": round(time.time() - t0, 2)},
     }  # fmt: skip
     if out is not None:
         for stale in ("manifest.json", RESULTS):  # the completion markers go first, come back last

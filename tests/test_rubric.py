@@ -439,3 +439,64 @@ def test_a_bad_rubric_file_in_a_recipe_fails_before_any_work(tmp_path, tiny_llam
     assert len(err) == 1 and "recipe.yaml:" in err[0] and "eval.rubric.file" in err[0]
     assert f"{bad}:2: missing field 'rubrics'" in err[0]
     assert not (tmp_path / "out" / "eval").exists()
+
+
+def test_http_grader_through_hippo_serve_decides_like_the_local_grader(embedded_model_dir, tmp_path):
+    """The same grader conversation, continued by ``hippo serve`` (log-probabilities over HTTP) and by
+    the local grader: the same decisions from the same log-probabilities."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import torch
+
+    from hippocrates.eval.rubric import GradeItem, grade, make_grader
+    from hippocrates.models import load_model, load_tokenizer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "hippocrates.cli", "serve", "--model", str(embedded_model_dir),
+           "--served-model-name", "judge", "--port", str(port), "--max-tokens", "8"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HIPPO_API_KEY", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        answer = "Call an ambulance now: this could be a heart attack. Chew 300 mg of aspirin if you are not allergic."
+        items = [[GradeItem("User: Crushing chest pain for 20 minutes. Should I wait?", answer, criterion)
+                  for criterion in ("Tells the user to call emergency services now.",
+                                    "Suggests waiting to see whether the pain passes.")]]  # fmt: skip
+        settings = RubricJudgeSettings(backend="http", base_url=f"http://127.0.0.1:{port}/v1", model="judge",
+                                       verdict="logprobs", timeout_s=120)  # fmt: skip
+        remote = grade(make_grader(settings, precision="fp32", batch_size=2, cache_path=None), items)[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok = load_model(str(embedded_model_dir)), load_tokenizer(str(embedded_model_dir))
+        local_grader = make_grader(RubricJudgeSettings(model=str(embedded_model_dir)), precision="fp32",
+                                   batch_size=2, cache_path=None, model=model, tokenizer=tok)  # fmt: skip
+        local = grade(local_grader, items)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(v.source == "logprobs" and v.ok for v in remote), [v.error for v in remote]
+    assert [v.verdict for v in remote] == [v.verdict for v in local]
+    for r, lo in zip(remote, local, strict=True):
+        assert r.scores["logp_a"] == pytest.approx(lo.scores["logp_a"], abs=1e-3)
+        assert r.scores["logp_b"] == pytest.approx(lo.scores["logp_b"], abs=1e-3)

@@ -500,3 +500,43 @@ def test_http_grader_through_hippo_serve_decides_like_the_local_grader(embedded_
     for r, lo in zip(remote, local, strict=True):
         assert r.scores["logp_a"] == pytest.approx(lo.scores["logp_a"], abs=1e-3)
         assert r.scores["logp_b"] == pytest.approx(lo.scores["logp_b"], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "section, expected",
+    [
+        (
+            "    limit: 3\n",
+            ":5: eval.rubric: Value error, needs file: a JSONL rubric set (or enabled: false)",
+        ),
+        (
+            "    file: r.jsonl\n    judge: {calibrate: question}\n",
+            ":7: eval.rubric.judge.calibrate: invalid value",
+        ),
+        (
+            "    file: r.jsonl\n    max_new_tokens: 0\n",
+            ":7: eval.rubric.max_new_tokens: Input should be greater",
+        ),
+        (
+            "    file: r.jsonl\n    judge: {backend: http}\n",
+            "eval.rubric.judge: Value error, backend 'http' needs base_url",
+        ),
+    ],
+)
+def test_recipe_eval_rubric_section(section: str, expected: str):
+    from hippocrates.config import parse_recipe
+    from hippocrates.errors import HippoError
+
+    base = "name: t\nbase_model: m\noutput_dir: o\neval:\n  rubric:\n"
+    assert parse_recipe("name: t\nbase_model: m\noutput_dir: o\n").eval.rubric is None  # absent by default
+    assert parse_recipe(base + "    enabled: false\n").eval.rubric.enabled is False
+    good = parse_recipe(base + "    file: r.jsonl\n").eval.rubric
+    assert (good.judge.calibrate, good.judge.tie_threshold, good.max_new_tokens, good.temperature) == (
+        "none",
+        0,
+        256,
+        0,
+    )
+    with pytest.raises(HippoError) as exc:
+        parse_recipe(base + section)
+    assert expected in str(exc.value)

@@ -303,7 +303,7 @@ class RubricEvalSettings(Strict):
     """Rubric-graded open-ended evaluation of the final model (``hippo eval --mode rubric``)."""
 
     enabled: bool = True
-    file: str = Field(description="rubric set in HealthBench's record format (JSONL)")
+    file: str | None = Field(None, description="rubric set in HealthBench's record format (JSONL)")
     judge: RubricJudgeSettings = RubricJudgeSettings()
     max_new_tokens: int = Field(256, gt=0, description="the answer's token budget")
     limit: int | None = Field(None, gt=0, description="the first N examples of the file")
@@ -312,6 +312,12 @@ class RubricEvalSettings(Strict):
     )
     temperature: float = Field(0.0, ge=0.0, description="0: greedy answers")
     batch_size: int = Field(8, gt=0, description="answers per generate call; criteria per judge forward")
+
+    @model_validator(mode="after")
+    def _file_when_enabled(self) -> RubricEvalSettings:
+        if self.enabled and not self.file:
+            raise ValueError("needs file: a JSONL rubric set (or enabled: false)")
+        return self
 
 
 class EvalSettings(Strict):

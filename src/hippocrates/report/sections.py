@@ -311,17 +311,8 @@ def rubric_scores(s: Section, run: Path, path: Path) -> None:
            f"({o.get('negative_criteria_met')} of the {o.get('negative_criteria_decided')} that describe "
            "harmful or wrong behaviour)." if isinstance(o.get("criteria_decided"), int) else "")
     )  # fmt: skip
-    rows = [
-        [
-            "overall",
-            "",
-            o.get("n"),
-            o.get("score"),
-            o.get("ci_low"),
-            o.get("ci_high"),
-            o.get("healthbench_score"),
-        ]
-    ]
+    rows = [["overall", "", o.get("n"), o.get("score"), o.get("ci_low"), o.get("ci_high"),
+             o.get("healthbench_score")]]  # fmt: skip
     for kind, key in (("example", "example_tags"), ("criterion", "rubric_tags")):
         for tag, t in (res.get(key) or {}).items():
             if isinstance(t, dict):

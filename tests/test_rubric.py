@@ -257,6 +257,7 @@ def test_judge_failures_exclude_and_list_the_example_never_score_it(tmp_path, ti
         example("down", ("Says A [MET]", 5), ("Says C [DOWN]", 5)),
         example("garble", ("Says A [NOT]", 5), ("Says D [GARBLE]", 5)),
         example("ok2", ("Says A [MET]", 4), ("Harm [MET]", -8)),
+        example("harms-only", ("Harm [MET]", -5), ("Other harm [NOT]", -3)),
     ])  # fmt: skip
     judge = RubricJudgeSettings(
         backend="http", base_url=grader.base_url, model="fake", max_retries=1, timeout_s=5
@@ -283,7 +284,15 @@ def test_judge_failures_exclude_and_list_the_example_never_score_it(tmp_path, ti
     )
     assert rows["garble"]["criteria"][1]["source"] == "text"  # no log-probs offered: asked for a JSON verdict
     assert grader.counts["DOWN:logprobs"] == 2  # retried once (max_retries 1)
-    assert result["judge_failed_calls"] == 2 and result["judge_calls"] == 9
+    assert result["judge_failed_calls"] == 2 and result["judge_calls"] == 11
+    assert overall["unscorable"] == 1 and result["unscorable"][0]["id"] == "harms-only"  # graded, not scored
+    assert rows["harms-only"]["status"] == "unscorable" and rows["harms-only"]["score"] is None
+    assert [k["met"] for k in rows["harms-only"]["criteria"]] == [True, False]
+    assert (overall["criteria_decided"], overall["criteria_met"], overall["negative_criteria_met"]) == (
+        9,
+        5,
+        2,
+    )
 
     before = Counter(grader.counts)
     again = evaluate_rubric(str(tiny_llama_dir), path, options, cache_path=tmp_path / "c.sqlite")

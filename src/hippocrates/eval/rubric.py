@@ -781,7 +781,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--judge-concurrency", type=int, default=4, metavar="N", help="http: requests in flight"
     )
     group.add_argument(
-        "--judge-cache", metavar="PATH", help="http: sqlite answer cache (default OUTPUT/judge_cache.sqlite)"
+        "--judge-cache",
+        metavar="PATH",
+        help="http: sqlite answer cache (default: judge_cache.sqlite in --output)",
     )
     once("--max-new-tokens", type=int, default=256, metavar="N", help="new tokens per answer (default 256)")
     once(

@@ -323,11 +323,16 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_hippo_eval_mode_rubric_with_the_tiny_model_as_answerer_and_local_judge(
-    tmp_path, tiny_llama_dir, capsys
+def test_hippo_eval_mode_rubric_with_tiny_models_as_answerer_and_local_judge(
+    tmp_path, tiny_llama_dir, embedded_model_dir, capsys
 ):
+    from conftest import make_tiny_llama
+
+    judge = make_tiny_llama(
+        tmp_path / "judge", embedded_model_dir, seed=1
+    )  # another model: the grader loads it
     out = tmp_path / "rubric"
-    args = ["--model", str(tiny_llama_dir), "--judge-model", str(tiny_llama_dir), "--rubrics", str(DEMO),
+    args = ["--model", str(tiny_llama_dir), "--judge-model", str(judge), "--rubrics", str(DEMO),
             "--limit", "3", "--max-new-tokens", "4", "--output", str(out)]  # fmt: skip
     code, stdout, stderr = run_cli(capsys, *args)
     assert code == 0, stderr[-2000:]
@@ -347,6 +352,8 @@ def test_hippo_eval_mode_rubric_with_the_tiny_model_as_answerer_and_local_judge(
     assert manifest.config["judge"]["backend"] == "local" and manifest.config["grader_version"] == "1"
     assert manifest.config["generation"]["max_new_tokens"] == 4
     assert manifest.data[0] == {"path": str(DEMO), "sha256": sha256_file(DEMO), "role": "rubrics"}
+    assert manifest.data[1]["role"] == "judge" and manifest.data[1]["path"] == str(judge)
+    assert result["judge"]["name"] == f"local:{judge}"
 
     code, _, stderr = run_cli(capsys, *args)  # the same inputs: reused, not graded again
     assert code == 0 and "is current for these inputs" in stderr

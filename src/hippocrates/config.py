@@ -292,6 +292,42 @@ Protocol = Literal["v0.4", "v0.3"]
 EvalMode = Literal["loglik", "generate"]
 
 
+class RubricJudgeSettings(JudgeSettings):
+    """The grader of rubric-graded evaluation: decides met / not met for each criterion of an answer."""
+
+    rubric: None = Field(None, description="not used: the criteria come from eval.rubric.file")
+    calibrate: Literal["none"] = Field(
+        "none", description="log-prob verdicts are read as they are (no position to correct)"
+    )
+    tie_threshold: float = Field(
+        0.0,
+        ge=0.0,
+        description="log-prob verdicts: |log P(' Yes') - log P(' No')| at or below is undecided, "
+        "which counts as a judge failure",
+    )
+
+
+class RubricEvalSettings(Strict):
+    """Rubric-graded open-ended evaluation of the final model (``hippo eval --mode rubric``)."""
+
+    enabled: bool = True
+    file: str | None = Field(None, description="rubric set in HealthBench's record format (JSONL)")
+    judge: RubricJudgeSettings = RubricJudgeSettings()
+    max_new_tokens: int = Field(256, gt=0, description="the answer's token budget")
+    limit: int | None = Field(None, gt=0, description="the first N examples of the file")
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="auto: the model's chat template when it has one, else the Alpaca format"
+    )
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy answers")
+    batch_size: int = Field(8, gt=0, description="answers per generate call; criteria per judge forward")
+
+    @model_validator(mode="after")
+    def _file_when_enabled(self) -> RubricEvalSettings:
+        if self.enabled and not self.file:
+            raise ValueError("needs file: a JSONL rubric set (or enabled: false)")
+        return self
+
+
 class EvalSettings(Strict):
     """Evaluation protocol: tasks, local files, shots, and the prompt strategy (loglik) or the
     generation settings (generate)."""
@@ -335,6 +371,10 @@ class EvalSettings(Strict):
         if samples > 1 and info.data.get("temperature") == 0:
             raise ValueError(f"{samples} samples need temperature > 0 (greedy samples would all be the same)")
         return samples
+
+    rubric: RubricEvalSettings | None = Field(
+        None, description="rubric-graded open-ended evaluation of the final model, after the tasks"
+    )
 
 
 class AblationSettings(Strict):

@@ -1,8 +1,8 @@
 """``hippo pipeline``: run a recipe's enabled stages in order, as in the paper.
 
 CPT adapter merged -> domain-adapted model -> SFT -> merged -> annotate (RLAIF) -> DPO -> merged ->
-evaluation (once per shot count) -> stage ablation and prompting sweep (when the recipe's
-``analyses`` enable them) -> report. Before anything runs, every file and model the selected
+evaluation (once per shot count, then the rubric-graded answers of ``eval.rubric``) -> stage
+ablation and prompting sweep (when the recipe's ``analyses`` enable them) -> report. Before anything runs, every file and model the selected
 steps need is checked (:mod:`hippocrates.preflight`) and the output folder is locked
 (:mod:`hippocrates.lock`). A step whose output is current for its inputs (hippocrates.record:
 config, input model, data) is skipped; ``--from STAGE`` reruns from there. ``--dry-run`` runs the
@@ -190,6 +190,19 @@ class Pipeline:
                 self.log(out_dir, scalars_of(results, f"eval/{shots}shot/"))
                 ran += 1
             details.append(f"{shots}-shot mean acc={_mean_acc(out_dir / 'results.json')}")
+        if cfg.rubric is not None and cfg.rubric.enabled:  # open-ended answers graded against rubrics
+            from hippocrates.eval.rubric import run_recipe
+
+            precision = recipe_eval_options(self.recipe, 0, None, self.model)["precision"]
+            model = loaded if loaded is not None and loaded.precision == precision else self.model
+            folder = self.out / "eval" / "rubric"
+            graded, detail, scalars = run_recipe(
+                self.recipe, model, folder, precision=precision, force="eval" in self.forced
+            )
+            if graded:
+                self.log(folder, scalars)
+            ran += graded
+            details.append(detail)
         state = "ran" if ran else "skipped: unchanged"
         return Row("eval", state, detail="; ".join(details), output=str(self.out / "eval"))
 

@@ -132,6 +132,10 @@ def preflight(
         check_grpo(recipe)
     if selected & {"eval", "ablate"}:
         check_eval(recipe, recipe.eval.tasks)
+    if "eval" in selected and recipe.eval.rubric is not None and recipe.eval.rubric.enabled:
+        from hippocrates.eval.rubric import check_recipe
+
+        check_recipe(recipe)
     if "sweep" in selected:
         check_eval(recipe, recipe.analyses.sweep.tasks or recipe.eval.tasks, "analyses.sweep")
     for folder in [Path(recipe.output_dir), *outputs]:

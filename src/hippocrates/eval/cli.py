@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   hippo eval --sweep --tasks medqa --data-dir ../shared/data --limit 50 --output runs/sweep   # prompts x chat x shots
   hippo eval --sweep --modes loglik,generate --budgets 64,256 --shots 0 --tasks medqa --data-dir ../shared/data --output runs/sweep
   hippo eval --tasks medqa --data-dir ../shared/data --export-lm-eval lm_eval_tasks/   # same protocol in lm-eval
+  hippo eval --mode rubric --rubrics data/demo/rubrics/healthbench_style.jsonl --output runs/rubric   # open-ended
 """
 
 
@@ -37,6 +38,8 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hippocrates.eval import rubric
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
     parser.add_argument("--model", default="smollm2-135m", help="alias, HF directory, .gguf or org/name")
@@ -60,10 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mode",
-        choices=MODES,
+        choices=[*MODES, "rubric"],
         default="loglik",
         help="loglik: score every option by log-likelihood (default); generate: the model answers in its own "
-        "words, ending with 'Answer: X', which is read back (docs/evaluation.md)",
+        "words, ending with 'Answer: X', which is read back; rubric: open-ended answers to --rubrics, graded "
+        "per criterion by a judge (docs/evaluation.md)",
     )
     parser.add_argument(
         "--prompt",
@@ -115,7 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--export-lm-eval", metavar="DIR", help="write lm-eval task YAMLs for this protocol and exit"
     )
-    gen = parser.add_argument_group("generative evaluation (--mode generate)")
+    gen = parser.add_argument_group(
+        "generated answers (--mode generate; --mode rubric uses the budget and temperature too)"
+    )
     gen.add_argument(
         "--max-new-tokens",
         type=int,
@@ -167,6 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the combination the others are compared with, as <prompt>-<chat|plain>-<K>shot "
         "or generate-<N>tok-<chat|plain>-<K>shot (default: the first)",
     )
+    rubric.add_arguments(parser)
 
 
 def _integers(value: str, flag: str, least: int) -> list[int]:
@@ -230,6 +237,12 @@ def run(args: argparse.Namespace) -> int:
         for row in task_table(args.task_dir):
             print(f"{row['task']:<14} {row['format']:<9} {row['file']:<34} {row['title']}")
         return 0
+    if args.mode == "rubric":
+        from hippocrates.eval.rubric import run_command
+
+        return run_command(args)
+    if args.rubrics:
+        raise HippoError("--rubrics needs --mode rubric")
     data = _pairs(args.data, "--data")
     fewshot_data = _pairs(args.fewshot_data, "--fewshot-data")
     if args.report_to:

@@ -154,14 +154,20 @@ def rubric_table(run: Path, numbers: Collector) -> Table | None:
         if not isinstance(overall.get("score"), float):
             continue
         rows.append([str(folder.parent.relative_to(run)), overall.get("score"), overall.get("ci_low"),
-                     overall.get("ci_high"), overall.get("n"), overall.get("excluded")])  # fmt: skip
+                     overall.get("ci_high"), overall.get("healthbench_score"), overall.get("n"),
+                     overall.get("excluded")])  # fmt: skip
         numbers.add("rubric", str(folder.parent.relative_to(run)), "overall", "score", overall.get("score"),
                     ci_low=overall.get("ci_low"), ci_high=overall.get("ci_high"), n=overall.get("n"))  # fmt: skip
+        numbers.add("rubric", str(folder.parent.relative_to(run)), "overall", "healthbench_score",
+                    overall.get("healthbench_score"), ci_low=overall.get("healthbench_ci_low"),
+                    ci_high=overall.get("healthbench_ci_high"), n=overall.get("n"))  # fmt: skip
     if not rows:
         return None
-    return Table(["Rubric evaluation", "Score", "95% CI low", "95% CI high", "Examples", "Excluded (judge failed)"],
-                 rows, caption="Open-ended answers graded against physician-style rubrics (0 to 1)",
-                 percent={1, 2, 3})  # fmt: skip
+    return Table(["Rubric evaluation", "Score", "95% CI low", "95% CI high", "HealthBench aggregation", "Examples",
+                  "Excluded (judge failed)"], rows, percent={1, 2, 3, 4},
+                 caption="Open-ended answers graded against physician-style rubrics (%): Score is the mean of the "
+                 "per-example scores clipped to [0, 1], with a bootstrap 95% CI; HealthBench aggregation clips the "
+                 "mean of the unclipped scores instead, as published HealthBench numbers do")  # fmt: skip
 
 
 def training_table(run: Path, numbers: Collector) -> Table | None:

@@ -320,7 +320,42 @@ def eval_section(run: Path) -> Section:
         table = Table(["Task", *names], rows, percent=set(range(1, len(names) + 1)))
         table.caption = f"Per stage, {shots}-shot accuracy (%) (from the ablation's evaluations)"
         s.table(table)
+    for path in sorted((run / "eval").glob("**/rubric.json")) if (run / "eval").is_dir() else []:
+        rubric_scores(s, run, path)
     return s
+
+
+def rubric_scores(s: Section, run: Path, path: Path) -> None:
+    """A rubric evaluation's overall and per-tag scores, and the examples the judge failed on."""
+    res = s.load(run, _rel(path, run))
+    if not isinstance(res, dict) or not isinstance(res.get("overall"), dict):
+        return
+    o, judge = res["overall"], res.get("judge") or {}
+    s.heading(f"Rubric-graded answers ({_rel(path.parent, run)})")
+    s.note(
+        f"Model {short_path(res.get('model'), run)}, judge {judge.get('name')} (grader prompt version "
+        f"{judge.get('grader_version')}), {res.get('examples')} examples of {res.get('rubrics')}: "
+        f"{o.get('excluded', 0)} excluded because the judge failed on a criterion, {o.get('unscorable', 0)} "
+        "without positive points (no defined score). Score: the mean of the per-example scores clipped to "
+        "[0, 1], with a bootstrap 95% CI over examples; HealthBench: the mean of the unclipped scores, clipped, "
+        "as HealthBench aggregates. A rubric tag is scored over the criteria carrying it."
+        + (f" The judge said met for {o['criteria_met']} of {o['criteria_decided']} criteria "
+           f"({o.get('negative_criteria_met')} of the {o.get('negative_criteria_decided')} that describe "
+           "harmful or wrong behaviour)." if isinstance(o.get("criteria_decided"), int) else "")
+    )  # fmt: skip
+    rows = [["overall", "", o.get("n"), o.get("score"), o.get("ci_low"), o.get("ci_high"),
+             o.get("healthbench_score")]]  # fmt: skip
+    for kind, key in (("example", "example_tags"), ("criterion", "rubric_tags")):
+        for tag, t in (res.get(key) or {}).items():
+            if isinstance(t, dict):
+                rows.append([tag, kind, t.get("n"), t.get("score"), t.get("ci_low"), t.get("ci_high"),
+                             t.get("healthbench_score")])  # fmt: skip
+    s.table(Table(["Tag", "Tag of", "Examples", "Score (%)", "95% CI low", "95% CI high", "HealthBench (%)"], rows,
+                  percent={3, 4, 5, 6}))  # fmt: skip
+    excluded = [e for e in res.get("excluded") or [] if isinstance(e, dict)]
+    if excluded:
+        listed = "; ".join(f"{e.get('id')}: {e.get('reason')}" for e in excluded[:10])
+        s.note(f"Excluded ({len(excluded)}): {listed}" + (" ..." if len(excluded) > 10 else ""))
 
 
 def comparisons(s: Section, data: dict[str, Any], found: tuple[Table, str] | None, compared: int) -> None:

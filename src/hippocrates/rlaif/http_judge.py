@@ -101,7 +101,16 @@ class DeadlineTransport(httpx.AsyncBaseTransport):
 
 
 class HTTPJudge:
-    """Judge pairs through an OpenAI-compatible API: log-prob or text verdicts, retries, a cache."""
+    """Judge pairs through an OpenAI-compatible API: log-prob or text verdicts, retries, a cache.
+
+    What is asked and how the reply is read are the hooks :meth:`messages`, :meth:`text_messages`,
+    :meth:`parse`, :meth:`key` and ``letters`` (the two next tokens a log-prob verdict compares), so
+    a subclass asks another question through the same client, deadline, retries and cache (the
+    rubric grader of ``hippo eval --mode rubric``).
+    """
+
+    letters = ("A", "B")
+    verdict_format = "'Verdict: A|B|tie'"
 
     def __init__(
         self,
@@ -170,6 +179,22 @@ class HTTPJudge:
             cache=JudgeCache(cache_path) if cache_path else None,
         )
 
+    def messages(self, item: Any) -> list[dict[str, str]]:
+        """The log-prob request's conversation: its open last message is continued by the verdict."""
+        return verdict_messages(self.rubric, item)
+
+    def text_messages(self, item: Any) -> list[dict[str, str]]:
+        """The text request's conversation, answered with a verdict :meth:`parse` reads."""
+        return [{"role": "user", "content": judge_prompt(self.rubric, item)}]
+
+    def parse(self, text: str) -> tuple[Any, str]:
+        """``(label, reason)`` of a text reply; label None when the reply holds no verdict."""
+        return parse_verdict(text)
+
+    def key(self, item: Any, source: Source) -> str:
+        """The item's cache key."""
+        return cache_key(self.name, self.rubric, item, source)
+
     def judge_pairs(self, items: list[JudgeItem]) -> list[Verdict]:
         """One verdict per item; cached answers are not asked again, identical items are asked once."""
         self.stats["items"] += len(items)
@@ -215,7 +240,7 @@ class HTTPJudge:
         if asked_for and self.verdict != "logprobs":
             sources.append("text")
         for source in sources:
-            hit = self.cache.get(cache_key(self.name, self.rubric, item, source))
+            hit = self.cache.get(self.key(item, source))
             if hit is not None:
                 return hit
         return None
@@ -288,7 +313,7 @@ class HTTPJudge:
         if not asked_for:
             return None
         if self.cache is not None:
-            hit = self.cache.get(cache_key(self.name, self.rubric, item, "text"))
+            hit = self.cache.get(self.key(item, "text"))
             if hit is not None:
                 self.stats["cache_hits"] += 1
                 return hit
@@ -299,7 +324,7 @@ class HTTPJudge:
     def _save(self, item: JudgeItem, verdict: Verdict) -> None:
         """Commit the answer to the cache the moment it arrives (a crash loses nothing received)."""
         if self.cache is not None:
-            key = cache_key(self.name, self.rubric, item, verdict.source)
+            key = self.key(item, verdict.source)
             self.cache.put(key, self.name, self.rubric.version, verdict)
 
     async def _ask_logprobs(self, client: Any, item: JudgeItem) -> tuple[float, float] | Verdict | str:
@@ -310,7 +335,7 @@ class HTTPJudge:
         try:
             reply = await client.chat.completions.create(
                 model=self.model,
-                messages=verdict_messages(self.rubric, item),
+                messages=self.messages(item),
                 max_tokens=1,
                 temperature=0,
                 logprobs=True,
@@ -332,9 +357,10 @@ class HTTPJudge:
         except (AttributeError, IndexError, TypeError, ValueError):
             self._no_logprobs = "the endpoint returned no log-probabilities"
             return self._no_logprobs
-        lp_a, lp_b = _letter_logprob(options, "A"), _letter_logprob(options, "B")
+        first, second = self.letters
+        lp_a, lp_b = _letter_logprob(options, first), _letter_logprob(options, second)
         if lp_a is None or lp_b is None:
-            missing = " and ".join(f"' {x}'" for x, lp in (("A", lp_a), ("B", lp_b)) if lp is None)
+            missing = " and ".join(f"' {x}'" for x, lp in ((first, lp_a), (second, lp_b)) if lp is None)
             return f"{missing} not among the top {TOP_LOGPROBS} log-probabilities"
         self.stats["answered"] += 1
         return lp_a, lp_b
@@ -346,7 +372,7 @@ class HTTPJudge:
         try:
             reply = await client.chat.completions.create(
                 model=self.model,
-                messages=[{"role": "user", "content": judge_prompt(self.rubric, item)}],
+                messages=self.text_messages(item),
                 max_tokens=self.max_tokens,
                 temperature=0,
             )
@@ -356,11 +382,11 @@ class HTTPJudge:
             text = reply.choices[0].message.content or ""
         except (AttributeError, IndexError, TypeError):
             return self._failed("malformed response: no choices[0].message.content")
-        label, reason = parse_verdict(text)
+        label, reason = self.parse(text)
         if label is None:
             self.stats["failed"] += 1
             self._count_error("unparsable verdict")
-            return Verdict(None, raw=text, error="unparsable verdict: no 'Verdict: A|B|tie' in the reply")
+            return Verdict(None, raw=text, error=f"unparsable verdict: no {self.verdict_format} in the reply")
         self.stats["answered"] += 1
         return Verdict(label, reason=reason, raw=text)
 

@@ -313,13 +313,20 @@ def make_judge(
     model: Any = None,
     tokenizer: Any = None,
     trust_remote_code: bool = False,
+    rubric: Rubric | None = None,
+    local_cls: Any = None,
+    http_cls: Any = None,
 ) -> Judge:
-    """Build the judge a recipe's ``JudgeConfig`` asks for (reusing an already loaded local model)."""
-    rubric = load_rubric(config.rubric)
+    """Build the judge a recipe's ``JudgeConfig`` asks for (reusing an already loaded local model).
+
+    ``rubric`` replaces the one the config names, and ``local_cls``/``http_cls`` the two backends'
+    classes, for a judge that asks another question (the rubric grader of ``hippo eval --mode rubric``).
+    """
+    rubric = rubric or load_rubric(config.rubric)
     if config.backend == "http":
         from hippocrates.rlaif.http_judge import HTTPJudge
 
-        return HTTPJudge.from_config(config, rubric=rubric, cache_path=cache_path)
+        return (http_cls or HTTPJudge).from_config(config, rubric=rubric, cache_path=cache_path)
     from hippocrates.rlaif.local_judge import LocalJudge
 
     if model is None or tokenizer is None:
@@ -330,7 +337,7 @@ def make_judge(
         model = load_model(
             resolved, precision=precision, trust_remote_code=trust_remote_code, device=default_device()
         )
-    return LocalJudge(
+    return (local_cls or LocalJudge)(
         model,
         tokenizer,
         rubric=rubric,

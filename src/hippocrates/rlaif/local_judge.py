@@ -42,7 +42,14 @@ from hippocrates.rlaif.judges import (
 
 
 class LocalJudge:
-    """Judge pairs with a causal LM already in memory, batched, with the rubric prefix computed once."""
+    """Judge pairs with a causal LM already in memory, batched, with the rubric prefix computed once.
+
+    ``lead``, ``words`` and :meth:`messages` say what is asked and which two next tokens are compared
+    (a subclass asks something else the same way: the rubric grader of ``hippo eval --mode rubric``).
+    """
+
+    lead = VERDICT_LEAD
+    words = (" A", " B")
 
     def __init__(
         self,
@@ -60,7 +67,7 @@ class LocalJudge:
         self.name, self.batch_size, self.tie_threshold = name, batch_size, tie_threshold
         self.calibrate, self.share_prefix = calibrate, share_prefix
         self.fmt = chat.choose_format(tokenizer, "auto")
-        self.token_a, self.token_b = self._verdict_token(" A"), self._verdict_token(" B")
+        self.token_a, self.token_b = self._verdict_token(self.words[0]), self._verdict_token(self.words[1])
         self.stats: dict[str, Any] = {}
         self.reset_stats()
 
@@ -68,23 +75,27 @@ class LocalJudge:
         self.stats = {"items": 0, "scored": 0, "forward_tokens": 0, "prefix_tokens": 0}
 
     def _verdict_token(self, word: str) -> int:
-        """The single token that continues the verdict lead with `` A`` (tokenizer-agnostic)."""
-        base = self.tokenizer(VERDICT_LEAD, add_special_tokens=False)["input_ids"]
-        full = self.tokenizer(VERDICT_LEAD + word, add_special_tokens=False)["input_ids"]
+        """The single token that continues the verdict lead with ``word`` (tokenizer-agnostic)."""
+        base = self.tokenizer(self.lead, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(self.lead + word, add_special_tokens=False)["input_ids"]
         if full[: len(base)] == base and len(full) == len(base) + 1:
             return full[-1]
         return self.tokenizer(word, add_special_tokens=False)["input_ids"][-1]
 
-    def render(self, item: JudgeItem) -> str:
-        """The full text whose next token is the verdict letter."""
-        return chat.render(self.tokenizer, verdict_messages(self.rubric, item), self.fmt, continue_final=True)
+    def messages(self, item: Any) -> list[dict[str, str]]:
+        """The conversation whose open last (assistant) message the verdict word continues."""
+        return verdict_messages(self.rubric, item)
 
-    def _encode(self, items: list[JudgeItem]) -> list[list[int]]:
+    def render(self, item: Any) -> str:
+        """The full text whose next token is the verdict letter."""
+        return chat.render(self.tokenizer, self.messages(item), self.fmt, continue_final=True)
+
+    def _encode(self, items: list[Any]) -> list[list[int]]:
         special = chat.adds_special_tokens(self.fmt)
         return [self.tokenizer(self.render(i), add_special_tokens=special)["input_ids"] for i in items]
 
-    def log_probs(self, items: list[JudgeItem], *, show_progress: bool = True) -> list[tuple[float, float]]:
-        """``(log P(A), log P(B))`` for each item, in order."""
+    def log_probs(self, items: list[Any], *, show_progress: bool = True) -> list[tuple[float, float]]:
+        """``(log P(A), log P(B))`` for each item, in order (the two ``words``)."""
         import torch
 
         if not items:

@@ -191,3 +191,17 @@ def test_variants_are_evaluated_in_one_precision(copied_run):
     assert all(
         json.loads((copied_run.parent / "out" / v["results"]).read_text())["precision"] == "fp32" for v in ok
     )
+
+
+def test_a_task_named_by_its_yaml_path_is_reported_by_its_name(tiny_llama_dir, tmp_path):
+    """Recipes may name a task by a YAML file; the sweep's rows and table use the task's own name."""
+    from conftest import DEMO
+
+    task = tmp_path / "quiz.yaml"
+    task.write_text("task: quiz\nformat: medqa\nfile: medqa/US_4_options_test.jsonl\n")
+    data = {"quiz": str(DEMO / "benchmarks" / "medqa" / "US_4_options_test.jsonl")}
+    out = run_sweep(str(tiny_llama_dir), [str(task)], data, ["hippocrates", "letter"], [False], [0],
+                    tmp_path / "sweep", limit=3)  # fmt: skip
+    assert out["tasks"] == ["quiz"]
+    assert all(r["n"] == {"quiz": 3} and isinstance(r["acc"]["quiz"], float) for r in out["rows"])
+    assert "| Prompt | Chat template | Shots | quiz | Average |" in (tmp_path / "sweep" / "sweep.md").read_text()

@@ -171,11 +171,12 @@ def run_sweep(
             f"sweep: baseline '{baseline}' is not a combination (choose from {', '.join(names)})"
         )
     specs = resolve_tasks(list(tasks), eval_kwargs.get("task_dirs", ()))
+    task_keys = [s.task for s in specs]  # a task given as a YAML path is reported by its name
     lm: LoadedModel | None = model if isinstance(model, LoadedModel) else None
     spec = lm.spec if lm else str(model)
     path = lm.path if lm else resolve_model(str(model)).path
     out: dict[str, Any] = {
-        "model": spec, "tasks": list(tasks), "baseline": baseline or names[0], "rows": [], "evaluated": 0,
+        "model": spec, "tasks": task_keys, "baseline": baseline or names[0], "rows": [], "evaluated": 0,
     }  # fmt: skip
     outcomes: dict[str, dict[str, dict[str, bool]]] = {}
     for combo in combos:
@@ -201,7 +202,7 @@ def run_sweep(
         per = res.get("tasks") or {}
 
         def each(key: str) -> dict[str, Any]:
-            return {t: (per.get(t) or {}).get(key) for t in tasks}  # noqa: B023 (used at once)
+            return {t: (per.get(t) or {}).get(key) for t in task_keys}  # noqa: B023 (used at once)
 
         acc = each("acc")
         outcomes[combo.name] = load_outcomes(where)

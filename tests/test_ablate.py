@@ -205,3 +205,20 @@ def test_a_task_named_by_its_yaml_path_is_reported_by_its_name(tiny_llama_dir, t
     assert out["tasks"] == ["quiz"]
     assert all(r["n"] == {"quiz": 3} and isinstance(r["acc"]["quiz"], float) for r in out["rows"])
     assert "| Prompt | Chat template | Shots | quiz | Average |" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_standalone_stages_take_the_model_the_pipeline_chains(copied_run):
+    """hippo annotate / dpo on their own start from the latest earlier stage, as the pipeline does
+    (here GRPO after SFT); with GRPO off, from SFT."""
+    from hippocrates.stages.cli import default_input_model
+
+    out = copied_run.parent / "out"
+    recipe = load_recipe(copied_run)
+    assert recipe.stages.grpo.after == "sft"
+    assert default_input_model(recipe, "annotate") == str(out / "grpo")
+    assert default_input_model(recipe, "dpo") == str(out / "grpo")
+    assert default_input_model(recipe, "sft") == str(out / "cpt")
+    raw = yaml.safe_load(copied_run.read_text())
+    raw["stages"]["grpo"]["enabled"] = False
+    copied_run.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert default_input_model(load_recipe(copied_run), "annotate") == str(out / "sft")

@@ -22,7 +22,7 @@ from hippocrates.errors import EXIT_USAGE, HippoError
 COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": (
         "hippocrates.pipeline",
-        "run every enabled stage of a recipe in order (CPT -> SFT -> annotate -> DPO [-> GRPO] -> eval -> analyses -> report)",
+        "run every enabled stage of a recipe in order (CPT -> SFT -> annotate -> DPO -> eval -> analyses -> report; GRPO after SFT or DPO)",
     ),
     "cpt": ("hippocrates.stages.cpt", "continued pre-training on medical text, with LoRA"),
     "sft": ("hippocrates.stages.sft", "medical instruction tuning on a weighted mixture, with LoRA"),

@@ -28,7 +28,6 @@ from pydantic import (
 from hippocrates.errors import HippoError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-STAGES = ("cpt", "sft", "annotate", "dpo", "eval")
 
 
 class Strict(BaseModel):

@@ -302,7 +302,9 @@ def _consistency_line(m: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (its stages.annotate section)")
     parser.add_argument(
-        "--model", help="model that writes the candidates (default: OUTPUT/sft if present, else base_model)"
+        "--model",
+        help="model that writes the candidates (default: the latest earlier stage's output, as the pipeline "
+        "chains them, else base_model)",
     )
     parser.add_argument("--output", help="output folder (default: OUTPUT/annotate)")
     parser.add_argument(
@@ -319,7 +321,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     out = Path(recipe.output_dir)
-    model = args.model or (str(out / "sft") if (out / "sft" / "config.json").is_file() else recipe.base_model)
+    from hippocrates.stages.cli import default_input_model
+
+    model = args.model or default_input_model(recipe, "annotate")
     if args.agreement and not Path(args.agreement).is_file():
         raise HippoError(f"{args.agreement}: file not found")
     out_dir = Path(args.output) if args.output else out / "annotate"

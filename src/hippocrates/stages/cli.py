@@ -53,9 +53,12 @@ def report_to_arg(value: str | None) -> list[str] | None:
 
 
 def default_input_model(recipe: Recipe, stage: str) -> str:
-    """The model a standalone stage trains: the latest earlier training stage's output, else the base."""
-    order = [s for s in recipe.stage_order() if s != "annotate"]
+    """The model a standalone stage trains (or annotate samples from): the latest earlier training
+    stage's output, else the base, as the pipeline chains them."""
+    order = recipe.stage_order()
     for previous in reversed(order[: order.index(stage)]):
+        if previous == "annotate":
+            continue
         if getattr(recipe.stages, previous).enabled and read_manifest(stage_dir(recipe, previous)):
             return str(stage_dir(recipe, previous))
     return recipe.base_model

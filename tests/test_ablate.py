@@ -204,7 +204,9 @@ def test_a_task_named_by_its_yaml_path_is_reported_by_its_name(tiny_llama_dir, t
                     tmp_path / "sweep", limit=3)  # fmt: skip
     assert out["tasks"] == ["quiz"]
     assert all(r["n"] == {"quiz": 3} and isinstance(r["acc"]["quiz"], float) for r in out["rows"])
-    assert "| Prompt | Chat template | Shots | quiz | Average |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert (
+        "| Prompt | Chat template | Shots | quiz | Average |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    )
 
 
 def test_standalone_stages_take_the_model_the_pipeline_chains(copied_run):

@@ -164,3 +164,18 @@ def test_cli_sweep_writes_one_row_per_combination(tiny_llama_dir, tmp_path, caps
     assert "\nA. " in letter_prompt["prompt"]
     printed = capsys.readouterr().out
     assert "| letter | no | 1 |" in printed and "(4 combinations)" in printed
+
+
+def test_auto_precision_is_recorded_as_the_dtype_used(tiny_llama_dir, tmp_path):
+    """--precision auto runs in fp32 on a CPU; results.json and the run record say fp32, not auto,
+    so a CPU run and a GPU run are not taken for the same inputs."""
+    import torch
+
+    from hippocrates.record import read_manifest
+
+    out = tmp_path / "auto"
+    assert main(["eval", "--model", str(tiny_llama_dir), "--tasks", "medqa", "--data-dir", str(DEMO),
+                 "--limit", "2", "--precision", "auto", "--output", str(out)]) == 0  # fmt: skip
+    used = "bf16" if torch.cuda.is_available() else "fp32"
+    assert json.loads((out / "results.json").read_text())["precision"] == used
+    assert read_manifest(out).precision == used

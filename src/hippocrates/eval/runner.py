@@ -106,10 +106,25 @@ class LoadedModel:
     def load(
         cls, spec: Any, precision: str = "fp32", trust_remote_code: bool = False, weights: bool = True
     ) -> LoadedModel:
-        """``weights=False`` loads the tokenizer only (another engine, vLLM, loads the weights)."""
-        from hippocrates.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+        """``weights=False`` loads the tokenizer only (another engine, vLLM, loads the weights).
+        ``precision: auto`` becomes the dtype actually used (bf16 on a GPU, fp32 on CPU, fp32 for a
+        model whose 16-bit weights lose what its last stage trained), and that is what is recorded."""
+        from hippocrates.models import (
+            ResolvedModel,
+            load_model,
+            load_tokenizer,
+            precision_for,
+            resolve_model,
+            resolve_precision,
+        )
 
         resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(str(spec))
+        if precision == "auto":
+            precision, why = precision_for(str(resolved.path), "auto")
+            if why:
+                status(f"eval: {why}")
+        else:
+            precision = resolve_precision(precision)
         status(f"loading {resolved.spec} ({precision}{'' if weights else ', tokenizer only'})")
         tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
         lm = None

@@ -205,3 +205,20 @@ def test_at_a_glance_comes_first_with_intervals_and_significance(full_report) ->
         == base["acc"]["medqa"]
     )
     assert html.index('<section id="glance">') < html.index('<section id="manifest">')
+
+
+def test_stages_the_recipe_disables_are_named_not_missing(tiny_llama_dir, tmp_path: Path) -> None:
+    """A recipe that only evaluates: its report says which stages are off, and lists none as missing."""
+    demo = Path(__file__).resolve().parents[1] / "data" / "demo" / "benchmarks"
+    recipe = tmp_path / "eval-only.yaml"
+    recipe.write_text(
+        f"name: eval-only\nbase_model: {tiny_llama_dir}\noutput_dir: {tmp_path / 'out'}\n"
+        "stages:\n  cpt: {enabled: false}\n  sft: {enabled: false}\n  annotate: {enabled: false}\n"
+        "  dpo: {enabled: false}\n"
+        f"eval:\n  tasks: [medqa]\n  data: {{medqa: {demo / 'medqa' / 'US_4_options_test.jsonl'}}}\n  limit: 2\n"
+        "analyses:\n  ablation: {enabled: false}\n  sweep: {enabled: false}\n"
+    )
+    assert main(["pipeline", str(recipe), "--report-to", "none"]) == 0
+    html = (tmp_path / "out" / "report" / "report.html").read_text(encoding="utf-8")
+    assert "Disabled in the recipe: cpt, sft, grpo, annotate, dpo." in html
+    assert "stage output not found" not in _missing(html, "manifest") + _missing(html, "training")

@@ -145,13 +145,37 @@ def _duration(seconds: Any) -> str | None:
     return f"{minutes}m {sec:02d}s" if minutes else f"{seconds:.1f}s"
 
 
+def disabled_stages(run: Path) -> set[str]:
+    """Training stages the run's recipe switches off (read from any run record that holds the
+    recipe): the report names them as disabled instead of listing them as missing."""
+    from hippocrates.record import read_manifest
+
+    folders = (
+        [run / stage for stage in TRAIN_STAGES] + sorted((run / "eval").glob("*")) if run.is_dir() else []
+    )
+    for folder in folders:
+        man = read_manifest(folder) if folder.is_dir() else None
+        stages = ((man.recipe if man else None) or {}).get("stages")
+        if isinstance(stages, dict):
+            return {
+                st for st in TRAIN_STAGES
+                if not (stages.get(st) or {}).get("enabled", st != "grpo")
+            }  # fmt: skip
+    return set()
+
+
 def manifest_section(run: Path) -> Section:
     """Per stage: input model, seed, timings, token counts, data files with sha256 and versions."""
     from hippocrates.record import MANIFEST, read_manifest
 
     s = Section("manifest", "Run manifest")
     rows, files, versions, raw = [], [], {}, []
+    off = disabled_stages(run)
+    if off:
+        s.note(f"Disabled in the recipe: {', '.join(st for st in TRAIN_STAGES if st in off)}.")
     for stage in TRAIN_STAGES:
+        if stage in off and not (run / stage).is_dir():
+            continue
         if not (run / stage).is_dir():
             s.missing.append(f"{stage}/: stage output not found (not run yet, disabled, or failed)")
             continue
@@ -194,9 +218,11 @@ def manifest_section(run: Path) -> Section:
 def training_section(run: Path) -> Section:
     """Final metrics and the loss-vs-step curve of each training stage (from metrics.json)."""
     s = Section("training", "Training")
+    off = disabled_stages(run)
     for stage in TRAIN_STAGES:
         if not (run / stage).is_dir():
-            s.missing.append(f"{stage}/: stage output not found")
+            if stage not in off:
+                s.missing.append(f"{stage}/: stage output not found")
             continue
         met = s.load(run, f"{stage}/metrics.json")
         if not isinstance(met, dict):

@@ -23,7 +23,7 @@ def test_export_writes_a_hub_ready_folder(tiny_run, tmp_path, capsys):
     assert results and {r.dataset_name for r in results} >= {"MedQA (USMLE-style, 4 options), test split"}
     ours = json.loads((tiny_run / "eval" / "0shot" / "results.json").read_text())["tasks"]["medqa"]["acc"]
     assert any(r.metric_value == round(ours, 4) and "0-shot" in r.metric_name for r in results)
-    assert "CPT → SFT → DPO" in card.text and "weight update kept" in card.text
+    assert "CPT → SFT → GRPO → DPO" in card.text and "weight update kept" in card.text
 
 
 def test_base_model_is_the_hub_id_when_known():

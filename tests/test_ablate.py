@@ -224,3 +224,25 @@ def test_standalone_stages_take_the_model_the_pipeline_chains(copied_run):
     raw["stages"]["grpo"]["enabled"] = False
     copied_run.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert default_input_model(load_recipe(copied_run), "annotate") == str(out / "sft")
+
+
+def test_every_stage_the_pipeline_trains_has_its_row(copied_run):
+    """Later stages sit on the stages the recipe enables: without CPT and SFT, GRPO trains from the base
+    and is compared with it as "+GRPO"; without CPT, "+SFT+GRPO"; a disabled DPO keeps a skipped row."""
+    from hippocrates.analyses.ablation import variants_of
+
+    raw = yaml.safe_load(copied_run.read_text())
+    raw["stages"]["cpt"]["enabled"] = False
+    copied_run.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert [v.label for v in variants_of(load_recipe(copied_run))][4:] == ["+SFT+GRPO", "+SFT+GRPO+DPO"]
+    raw["stages"]["sft"]["enabled"] = False
+    raw["stages"]["dpo"]["enabled"] = False
+    raw["stages"]["annotate"]["enabled"] = False
+    copied_run.write_text(yaml.safe_dump(raw, sort_keys=False))
+    data = run_ablation(load_recipe(copied_run))
+    rows = {v["label"]: v for v in data["variants"]}
+    assert list(rows)[4:] == ["+GRPO", "+GRPO+DPO"]
+    assert rows["+GRPO"]["status"] == "ok" and rows["+GRPO+DPO"]["status"] == "skipped"
+    grpo = read_manifest(copied_run.parent / "out" / "grpo")
+    assert grpo.input_model.path == raw["base_model"]
+    assert "| +GRPO | medqa |" in (copied_run.parent / "out" / "ablation" / "ablation.md").read_text()

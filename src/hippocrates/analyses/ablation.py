@@ -1,9 +1,11 @@
 """``hippo ablate RECIPE``: how much does each stage contribute? (the paper's ablation table)
 
 Evaluates the recipe's models on its eval tasks: base, +CPT, +SFT (from base), +CPT+SFT, then each
-later stage in the recipe's order (+CPT+SFT+DPO; with GRPO, +CPT+SFT+GRPO(+DPO) or +CPT+SFT+DPO+GRPO). Models come from the pipeline's folders (OUTPUT/cpt, sft, annotate, dpo) when they
-are current for the recipe (:func:`hippocrates.record.current`: same config, input model and data)
-and are trained otherwise; the one extra model, SFT from the base, goes to
+later stage in the recipe's order on top of the enabled stages before it (+CPT+SFT+DPO; with GRPO,
++CPT+SFT+GRPO(+DPO) or +CPT+SFT+DPO+GRPO; without CPT, +SFT+DPO; GRPO from the base, +GRPO).
+Models come from the pipeline's folders (OUTPUT/cpt, sft, grpo, annotate, dpo) when they are
+current for the recipe (:func:`hippocrates.record.current`: same config, input model and data) and
+are trained otherwise; the one extra model, SFT from the base, goes to
 OUTPUT/ablation/sft_from_base. Each variant's evaluation goes to
 OUTPUT/ablation/eval/<variant>/<K>shot/ and is reused while current, as is the pipeline's own
 evaluation of the same model under the same protocol. A retrained model has a new fingerprint,
@@ -45,16 +47,6 @@ BASIC = (
     Variant("sft_from_base", "+SFT", ("sft",), "sft_from_base"),
     Variant("cpt_sft", "+CPT+SFT", ("cpt", "sft"), "sft"),
 )
-ALL_NAMES = (
-    "base",
-    "cpt",
-    "sft_from_base",
-    "cpt_sft",
-    "cpt_sft_dpo",
-    "cpt_sft_grpo",
-    "cpt_sft_grpo_dpo",
-    "cpt_sft_dpo_grpo",
-)
 MODULES = {
     "cpt": "hippocrates.stages.cpt",
     "sft": "hippocrates.stages.sft",
@@ -74,11 +66,16 @@ def training_chain(recipe: Recipe) -> list[str]:
 
 
 def variants_of(recipe: Recipe) -> list[Variant]:
-    """The rows of the recipe's ablation: base, +CPT, +SFT, +CPT+SFT, then each later stage in order."""
-    out, chain = list(BASIC), ["cpt", "sft"]
+    """The rows of the recipe's ablation: base, +CPT, +SFT, +CPT+SFT, then each later stage in order on
+    top of the stages before it that the recipe enables, as the pipeline chains them (GRPO straight
+    from the base is "+GRPO", DPO without CPT "+SFT+DPO"), so every stage the pipeline trains has a row."""
+    out = list(BASIC)
+    chain = [s for s in ("cpt", "sft") if getattr(recipe.stages, s).enabled]
     for stage in training_chain(recipe)[2:]:
-        chain.append(stage)
-        out.append(Variant("_".join(chain), "+" + "+".join(s.upper() for s in chain), tuple(chain), stage))
+        row = (*chain, stage)
+        out.append(Variant("_".join(row), "+" + "+".join(s.upper() for s in row), row, stage))
+        if getattr(recipe.stages, stage).enabled:
+            chain.append(stage)  # a disabled stage keeps its (skipped) row but is not built upon
     return out
 
 
@@ -323,7 +320,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help=f"comma-separated subset of: {', '.join(ALL_NAMES)} (as the recipe has them)",
+        help="comma-separated subset of the recipe's variants, named by their stages: base, cpt, "
+        "sft_from_base, cpt_sft, then e.g. cpt_sft_dpo, cpt_sft_grpo_dpo, sft_dpo, grpo (an unknown name "
+        "lists the recipe's)",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items per task")
     parser.add_argument("--force-eval", action="store_true", help="re-evaluate even when results are current")

@@ -197,7 +197,18 @@ def test_at_a_glance_comes_first_with_intervals_and_significance(full_report) ->
         "| 0-shot, loglik, hippocrates prompt |" in first
         and "| GRPO | held-out generative accuracy |" in first
     )
+    cpt = json.loads((run / "cpt" / "metrics.json").read_text())["eval_change"]
+    assert (
+        f"{cpt['nll_change']:+.3f} [{cpt['nll_change_ci_low']:+.3f}, {cpt['nll_change_ci_high']:+.3f}] over "
+        f"{cpt['rows']} rows" in first.split("| CPT | held-out perplexity |")[1].splitlines()[0]
+    )
     rows = list(csv.DictReader(io.StringIO((run / "report" / "at_a_glance.csv").read_text())))
+    assert any(
+        r["row"] == "cpt"
+        and r["metric"] == "change"
+        and abs(float(r["ci_low"]) - cpt["nll_change_ci_low"]) < 1e-4
+        for r in rows
+    )
     ablation_rows = [r for r in rows if r["table"] == "ablation"]
     assert len(ablation_rows) == len(ablation["variants"]) * (len(ablation["tasks"]) + 1)
     assert (

@@ -176,13 +176,23 @@ def training_table(run: Path, numbers: Collector) -> Table | None:
         metrics = _quiet_json(run / stage / "metrics.json")
         before, after = metrics.get(before_key), metrics.get(after_key)
         if isinstance(before, float) and isinstance(after, float):
-            rows.append([stage.upper(), what, before, after, after - before])
+            change = metrics.get("eval_change") or {}
+            interval = "—"
+            if change.get("nll_change") is not None:
+                interval = (f"{change['nll_change']:+.3f} [{change['nll_change_ci_low']:+.3f}, "
+                            f"{change['nll_change_ci_high']:+.3f}] over {change['rows']} rows")  # fmt: skip
+                numbers.add("training", stage, "held-out NLL per token", "change", change["nll_change"],
+                            ci_low=change["nll_change_ci_low"], ci_high=change["nll_change_ci_high"],
+                            n=change["rows"])  # fmt: skip
+            rows.append([stage.upper(), what, before, after, after - before, interval])
             numbers.add("training", stage, what, "before", before)
             numbers.add("training", stage, what, "after", after)
     if not rows:
         return None
-    return Table(["Stage", "Held-out measure", "Before", "After", "Change"], rows, signed={4},
-                 caption="What each training stage changed on its own held-out data")  # fmt: skip
+    return Table(["Stage", "Held-out measure", "Before", "After", "Change",
+                  "NLL per token: change [paired 95% CI]"], rows, signed={4},
+                 caption="What each training stage changed on its own held-out data (the interval: paired "
+                 "bootstrap over the held-out rows, on the mean log-loss per token)")  # fmt: skip
 
 
 def glance_section(run: Path) -> tuple[Section, str]:

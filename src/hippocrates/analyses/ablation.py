@@ -119,12 +119,12 @@ class Ablation:
         """Variants compared with each other run in one precision: when ``eval.precision: auto`` sends
         one trained model to fp32 (its 16-bit weights lose what it learned), every variant runs in fp32,
         so a difference is the training's, not the arithmetic's."""
-        from hippocrates.eval.runner import recipe_eval_options
+        from hippocrates.models import precision_for
 
         models = [m for m, _, error in self.prepared.values() if m and not error]
         if self.recipe.eval.precision != "auto" or not models:
             return
-        chosen = {recipe_eval_options(self.recipe, self.shots, self.limit, m)["precision"] for m in models}
+        chosen = {precision_for(m, self.recipe.precision)[0] for m in models}  # the rule eval applies
         if len(chosen) > 1:
             self.precision = "fp32"
             status("ablate: every variant is evaluated in fp32, so that they compare on equal terms")

@@ -17,7 +17,7 @@ from conftest import DEMO
 from hippocrates.cli import main
 from hippocrates.config import load_recipe
 from hippocrates.errors import HippoError
-from test_stages_helpers import make_recipe
+from test_stages_helpers import killed_run_script, make_recipe
 
 GRPO_DATA = DEMO / "grpo"
 
@@ -129,21 +129,7 @@ def test_grpo_stage_end_to_end_and_in_the_chain(tmp_path, tiny_llama_dir, capsys
     assert default_input_model(loaded, "dpo") == str(out), "DPO builds on GRPO when GRPO comes after SFT"
 
 
-KILLED = """
-import os, signal, sys
-from pathlib import Path
-from transformers import TrainerCallback
-from hippocrates.config import load_recipe
-from hippocrates.stages.grpo import run_grpo
-
-class KillAfter(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 2:  # checkpoint-1 is on disk, step 2 is lost
-            os.kill(os.getpid(), signal.SIGKILL)
-
-recipe = load_recipe(sys.argv[1])
-run_grpo(recipe, sys.argv[2], Path(recipe.output_dir) / "grpo", report_to=[], callbacks=[KillAfter()])
-"""
+KILLED = killed_run_script("grpo", 2)  # checkpoint-1 is on disk, step 2 is lost
 
 
 def test_grpo_resumes_after_a_kill(tmp_path, tiny_llama_dir):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import served
 from hippocrates.config import JudgeSettings
 from hippocrates.errors import HippoError
 from hippocrates.rlaif.cache import JudgeCache
@@ -117,15 +118,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[FaultyServer]:
-    srv = FaultyServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with served(FaultyServer()) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 def make_judge(server: FaultyServer, cache: JudgeCache | None, **kw) -> HTTPJudge:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import served
 from hippocrates.cli import main
 from hippocrates.config import RubricJudgeSettings
 from hippocrates.data.io import sha256_file
@@ -234,15 +235,8 @@ class GraderHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def grader() -> Iterator[Grader]:
-    srv = Grader()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with served(Grader()) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 def example(pid: str, *criteria: tuple[str, float], tags: tuple[str, ...] = ("theme:x",)) -> dict:

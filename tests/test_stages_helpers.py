@@ -155,3 +155,23 @@ def full_recipe(root: Path, model: Path, **overrides: Any) -> Path:
         },
     }  # fmt: skip
     return make_recipe(root, model, **{**everything, **overrides})
+
+
+def killed_run_script(stage: str, kill_at_step: int) -> str:
+    """``python -c`` source that runs one stage (argv: recipe, input model) and SIGKILLs itself at the
+    end of optimizer step ``kill_at_step``: the checkpoints saved before it are on disk, that step is lost."""
+    return f"""
+import os, signal, sys
+from pathlib import Path
+from transformers import TrainerCallback
+from hippocrates.config import load_recipe
+from hippocrates.stages.{stage} import run_{stage}
+
+class KillAfter(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {kill_at_step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+recipe = load_recipe(sys.argv[1])
+run_{stage}(recipe, sys.argv[2], Path(recipe.output_dir) / "{stage}", report_to=[], callbacks=[KillAfter()])
+"""

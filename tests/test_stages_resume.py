@@ -10,23 +10,9 @@ import pytest
 
 from hippocrates.config import load_recipe
 from hippocrates.errors import HippoError
-from test_stages_helpers import make_recipe
+from test_stages_helpers import killed_run_script, make_recipe
 
-KILLED_RUN = """
-import os, signal, sys
-from pathlib import Path
-from transformers import TrainerCallback
-from hippocrates.config import load_recipe
-from hippocrates.stages.sft import run_sft
-
-class KillAfter(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:  # checkpoint-2 is on disk, step 3 is lost
-            os.kill(os.getpid(), signal.SIGKILL)
-
-recipe = load_recipe(sys.argv[1])
-run_sft(recipe, sys.argv[2], Path(recipe.output_dir) / "sft", report_to=[], callbacks=[KillAfter()])
-"""
+KILLED_RUN = killed_run_script("sft", 3)  # checkpoint-2 is on disk, step 3 is lost
 
 
 def adapter(path: Path) -> dict:

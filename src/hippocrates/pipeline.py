@@ -225,22 +225,24 @@ class Pipeline:
             detail += f"; {'; '.join(not_ok)}"
         state = "skipped: unchanged" if ok and reused == len(rows) else "ran"
         if state == "ran":
-            averages = {
-                f"ablation/{v['label']}/average": v["average"]
-                for v in ok
-                if isinstance(v.get("average"), float)
-            }
-            table = (self.out / "ablation" / "ablation.md").read_text(encoding="utf-8")
-            self.log(self.out / "ablation", averages, {"ablation/table": table})
+            self.log_analysis("ablation", ok, "label")
         return Row("ablate", state, detail=detail, output=str(self.out / "ablation"))
+
+    def log_analysis(self, name: str, rows: list[dict[str, Any]], key: str) -> None:
+        """Each row's average and the analysis's Markdown table (OUTPUT/<name>/<name>.md) to the loggers."""
+        averages = {
+            f"{name}/{r[key]}/average": r["average"] for r in rows if isinstance(r.get("average"), float)
+        }
+        table = (self.out / name / f"{name}.md").read_text(encoding="utf-8")
+        self.log(self.out / name, averages, {f"{name}/table": table})
 
     def run_sweep(self) -> Row:
         """Mode x prompt (loglik) or budget (generate) x chat template x shots on the final model, into OUTPUT/sweep/."""
         from hippocrates.analyses.sweep import run_sweep
+        from hippocrates.eval.registry import resolve_tasks
         from hippocrates.eval.runner import recipe_eval_options
 
         cfg, ev = self.recipe.analyses.sweep, self.recipe.eval
-        from hippocrates.eval.registry import resolve_tasks
 
         tasks = cfg.tasks or ev.tasks
         names = {spec.task for spec in resolve_tasks(tasks)}  # a task may be given as a YAML path
@@ -262,13 +264,7 @@ class Pipeline:
             detail += f"; best {best['name']} {best['average']:.3f}"
         state = "ran" if data.get("evaluated") else "skipped: unchanged"
         if state == "ran":
-            averages = {
-                f"sweep/{r['name']}/average": r["average"]
-                for r in rows
-                if isinstance(r.get("average"), float)
-            }
-            table = (self.out / "sweep" / "sweep.md").read_text(encoding="utf-8")
-            self.log(self.out / "sweep", averages, {"sweep/table": table})
+            self.log_analysis("sweep", rows, "name")
         return Row("sweep", state, detail=detail, output=str(self.out / "sweep"))
 
     def run_report(self) -> Row:

@@ -19,6 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> Iterator[None]:
+    """A command run in-process (hippo serve sets torch's thread count) must not slow later tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @contextmanager
 def served(server: HTTPServer) -> Iterator[HTTPServer]:
     """A fake HTTP server (something outside us) serving from a thread for the duration of a test."""

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
@@ -105,42 +104,53 @@ def test_maybe_liger_is_a_noop_off_cuda():
     assert type(model).forward is torch.nn.Linear.forward
 
 
-def launch_args(config: Path):
-    """Parse a config exactly as `accelerate launch --config_file` does (no processes started)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+def load_config(config: Path):
+    """A config as ``accelerate launch --config_file`` reads it (accelerate's own loader and schema)."""
+    from accelerate.commands.config.config_args import load_config_from_file
 
-    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "hippocrates.cli", "sft"])
-    return _validate_launch_command(args)
+    return load_config_from_file(str(config))
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_accelerate_configs_are_accepted_by_accelerate_launch(name, monkeypatch):
-    import torch
-    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+def test_accelerate_configs_are_accepted_by_accelerate(name, monkeypatch):
+    """Each shipped config loads through accelerate's loader, and builds accelerate's plugin for it."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
     monkeypatch.chdir(REPO)  # the DeepSpeed JSON paths are relative to the repo root
-    args, defaults, _ = launch_args(CONFIGS / name)
-    if args.use_fsdp:
-        # the plugin wants a GPU only to place synced weights: pretend there is one
-        with (
-            mock.patch.dict(os.environ, prepare_multi_gpu_env(args)),
-            mock.patch("accelerate.utils.dataclasses.is_cuda_available", return_value=True),
-            mock.patch.object(torch.cuda, "current_device", return_value=0),
-        ):
-            plugin = FullyShardedDataParallelPlugin()
-        assert plugin.use_orig_params and plugin.cpu_ram_efficient_loading and plugin.sync_module_states
-        assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+    config = load_config(CONFIGS / name)
+    assert config.compute_environment.value == "LOCAL_MACHINE" and config.use_cpu is False
+    if config.distributed_type == DistributedType.FSDP:
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_use_orig_params"] and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        # rank 0 reads the weights and broadcasts them: accelerate allows that only on an accelerator,
+        # so here the plugin is built with the CPU-possible loading and every other setting as written
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_sync_module_states"]
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=fsdp["fsdp_version"],
+            reshard_after_forward=fsdp["fsdp_reshard_after_forward"],
+            auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"],
+            backward_prefetch=fsdp["fsdp_backward_prefetch"],
+            forward_prefetch=fsdp["fsdp_forward_prefetch"],
+            use_orig_params=fsdp["fsdp_use_orig_params"],
+            state_dict_type=fsdp["fsdp_state_dict_type"],
+            cpu_offload=fsdp["fsdp_offload_params"],
+            activation_checkpointing=fsdp["fsdp_activation_checkpointing"],
+            cpu_ram_efficient_loading=False,
+            sync_module_states=False,
+        )
+        assert plugin.use_orig_params and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
         assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
-    elif args.use_deepspeed:
-        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
-        _, env = prepare_deepspeed_cmd_env(args)
-        with mock.patch.dict(os.environ, env):
-            plugin = DeepSpeedPlugin()  # raises if the accelerate yaml and the JSON disagree
+        assert config.mixed_precision == "bf16"
+    elif config.distributed_type == DistributedType.DEEPSPEED:
+        ds = config.deepspeed_config
+        json_path = REPO / ds["deepspeed_config_file"]
+        assert json_path.is_file(), f"{name}: {json_path} not found"
+        plugin = DeepSpeedPlugin(hf_ds_config=str(json_path), zero3_init_flag=ds["zero3_init_flag"])
         assert plugin.zero_stage == (3 if "zero3" in name else 2)
         assert plugin.zero3_init_flag == (plugin.zero_stage == 3)
     else:
-        assert args.mixed_precision == "bf16"
+        assert config.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+        assert config.mixed_precision == "bf16"
 
 
 def test_slurm_script_is_valid_bash():

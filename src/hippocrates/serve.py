@@ -848,11 +848,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "then needs\n'Authorization: Bearer KEY'. Binding a non-loopback --host requires a key."
     )
     parser.add_argument(
-        "--model", required=True, help="model spec: alias, HF directory, .gguf file or org/name"
+        "model", nargs="?", help="model spec: alias, HF directory, .gguf file or org/name (a stage output)"
     )
+    parser.add_argument("--model", dest="model_flag", metavar="MODEL", help="the model, given as a flag")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535 (default 8000)")
-    parser.add_argument("--served-model-name", help="model id clients send (default: the --model spec)")
+    parser.add_argument("--served-model-name", help="model id clients send (default: the model spec)")
     parser.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $HIPPO_API_KEY, else none)"
     )
@@ -881,6 +882,12 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     """Every numeric flag in range and a key when reachable from other machines; returns the key."""
     from hippocrates.errors import HippoError
 
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise HippoError(f"two models given: {args.model} and --model {args.model_flag}")
+    args.model = args.model or args.model_flag
+    if not args.model:
+        raise HippoError("no model given: hippo serve MODEL (an alias, HF directory, .gguf file or org/name)")
+
     for flag, (low, high) in FLAG_RANGES.items():
         value = getattr(args, flag)
         if value is not None and not low <= value <= high:
@@ -903,9 +910,9 @@ def run(args: argparse.Namespace) -> int:
 
     api_key = check_arguments(args)
     _check_port(args.host, args.port)  # fail in a second, not after loading the model
+    resolved = resolve_model(args.model)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
-    resolved = resolve_model(args.model)
     tokenizer = load_tokenizer(resolved, trust_remote_code=args.trust_remote_code)
     model = load_model(
         resolved,
